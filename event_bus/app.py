@@ -1,0 +1,319 @@
+"""The ingest HTTP app: CloudEvents in, ``201`` only after the events table committed them."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio.to_thread
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from event_bus.auth import Principal, TokenVerifier
+from event_bus.problems import (
+    PROBLEM_CONTENT_TYPE,
+    Problem,
+    bad_json,
+    conflict,
+    invalid,
+    not_found,
+    too_large,
+    unavailable,
+    unsupported_media_type,
+)
+from event_bus.quotas import QuotaGate
+from event_bus.settings import BusSettings
+from event_bus.store import AppendResult, EventStore, IdConflict, StoreUnavailable, VersionConflict
+from event_bus.validation import NewEvent, parse_config_key, parse_event
+
+log = logging.getLogger("tagbus.bus")
+
+_SINGLE_TYPES = ("application/cloudevents+json", "application/json")
+_BATCH_TYPES = ("application/cloudevents-batch+json", "application/json")
+_MAX_PAGE = 1_000
+
+
+class ConfigReader(Protocol):
+    """Reads config keys from their read models; implemented by the projections' router."""
+
+    def get(self, tenant: str, key: str) -> Mapping[str, Any] | None: ...
+
+    def list(
+        self, tenant: str, prefix: str, *, limit: int, start_after: str | None
+    ) -> tuple[list[Mapping[str, Any]], str | None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    events: Counter
+    latency: Histogram
+    batch_size: Histogram
+
+    @classmethod
+    def create(cls) -> _Metrics:
+        registry = CollectorRegistry()
+        return cls(
+            registry,
+            Counter("tagbus_http_requests", "HTTP requests", ["route", "status", "tier"], registry=registry),
+            Counter("tagbus_events_appended", "Events committed to the events table", ["tier"], registry=registry),
+            Histogram(
+                "tagbus_http_request_seconds",
+                "HTTP request latency",
+                ["route"],
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                registry=registry,
+            ),
+            Histogram(
+                "tagbus_commit_batch_events",
+                "Events per committed transaction",
+                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 500),
+                registry=registry,
+            ),
+        )
+
+
+def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
+def _problem_response(problem: Problem) -> Response:
+    return Response(
+        orjson.dumps(problem.to_json()),
+        status_code=problem.status,
+        headers=dict(problem.headers),
+        media_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+def create_app(
+    settings: BusSettings,
+    *,
+    tags: Collection[str],
+    config_reader: ConfigReader | None = None,
+    store: EventStore | None = None,
+    verifier: TokenVerifier | None = None,
+) -> FastAPI:
+    """Build the bus app; the composition root passes the tags and the config read side."""
+    store = store or EventStore(settings.database_url, pool_size=settings.pool_size)
+    verifier = verifier or TokenVerifier(settings.auth)
+    quotas = QuotaGate(settings.tiers)
+    metrics = _Metrics.create()
+    registered_tags = frozenset(tags)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await store.open()
+        try:
+            yield
+        finally:
+            await store.close()
+
+    app = FastAPI(title="tagbus event bus", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(Problem)
+    async def on_problem(_: Request, problem: Problem) -> Response:
+        return _problem_response(problem)
+
+    def observed(
+        route: str,
+    ) -> Callable[[Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]]:
+        def wrap(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+            async def run(request: Request) -> Response:
+                started = time.perf_counter()
+                request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+                try:
+                    response = await handler(request)
+                except Problem as problem:
+                    response = _problem_response(problem)
+                except StoreUnavailable as e:
+                    log.warning("database unavailable: %s (request %s)", e, request_id)
+                    response = _problem_response(unavailable("the event store is unavailable; retry later"))
+                response.headers["X-Request-Id"] = request_id
+                tier = getattr(request.state, "tier", "none")
+                metrics.requests.labels(route, str(response.status_code), tier).inc()
+                metrics.latency.labels(route).observe(time.perf_counter() - started)
+                return response
+
+            run.__name__ = handler.__name__
+            run.__doc__ = handler.__doc__
+            return run
+
+        return wrap
+
+    def authorize(request: Request, scope: str) -> Principal:
+        principal = verifier.verify(request.headers.get("authorization"))
+        request.state.tier = principal.tier
+        principal.require(scope)
+        return principal
+
+    async def read_json(request: Request, allowed: tuple[str, ...], limit: int) -> Any:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in allowed:
+            raise unsupported_media_type(f"send one of: {', '.join(allowed)}")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large(f"the body is {declared} bytes; the limit is {limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large(f"the body exceeds the limit of {limit} bytes")
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise bad_json(str(e)) from e
+
+    async def append(principal: Principal, events: list[NewEvent]) -> list[AppendResult]:
+        quotas.admit(principal, len(events))
+        try:
+            results = await store.append(events)
+        except VersionConflict as e:
+            raise conflict(
+                "version-conflict",
+                f"stream {e.stream!r} is at version {e.current}, not {e.expected}",
+                index=e.index,
+                stream=e.stream,
+                current_version=e.current,
+            ) from e
+        except IdConflict as e:
+            raise conflict(
+                "id-conflict", f"event id {e.event_id!r} was already used with different content", index=e.index
+            ) from e
+        metrics.batch_size.observe(len(events))
+        metrics.events.labels(principal.tier).inc(sum(r.created for r in results))
+        return results
+
+    @app.post("/v1/events", status_code=201, summary="Append one CloudEvent")
+    @observed("post_event")
+    async def post_event(request: Request) -> Response:
+        principal = authorize(request, "events:write")
+        body = await read_json(request, _SINGLE_TYPES, settings.max_event_bytes)
+        event = parse_event(body, principal, tags=registered_tags, max_event_bytes=settings.max_event_bytes)
+        [result] = await append(principal, [event])
+        status = 201 if result.created else 200
+        return _json(result.to_json(), status, {"Location": f"/v1/events/{result.id}"})
+
+    @app.post("/v1/events:batch", status_code=201, summary="Append up to 500 CloudEvents atomically")
+    @observed("post_batch")
+    async def post_batch(request: Request) -> Response:
+        principal = authorize(request, "events:write")
+        body = await read_json(request, _BATCH_TYPES, settings.max_batch_bytes)
+        if not isinstance(body, list):
+            raise invalid([], "a batch is a JSON array of events")
+        if not body:
+            raise invalid([], "a batch holds at least one event")
+        if len(body) > settings.max_batch_events:
+            raise too_large(f"a batch holds at most {settings.max_batch_events} events")
+        events, errors = [], []
+        for i, item in enumerate(body):
+            try:
+                events.append(
+                    parse_event(
+                        item, principal, tags=registered_tags, max_event_bytes=settings.max_event_bytes, where=f"/{i}"
+                    )
+                )
+            except Problem as problem:
+                if problem.status != 422:
+                    raise
+                errors.extend(problem.errors)
+        if errors:
+            raise invalid(errors, "one or more events of the batch are invalid; nothing was written")
+        results = await append(principal, events)
+        return _json({"results": [r.to_json() | {"status": 201 if r.created else 200} for r in results]}, 201)
+
+    @app.get("/v1/events/{event_id}", summary="Read one stored event of the caller's tenant")
+    @observed("get_event")
+    async def get_event(request: Request) -> Response:
+        principal = authorize(request, "events:read")
+        event_id = request.path_params["event_id"]
+        event = await store.get(principal.tenant, event_id)
+        if event is None:
+            raise not_found(f"no event {event_id!r}")
+        return _json(event.to_cloudevent())
+
+    @app.get("/v1/streams/{stream:path}", summary="Read a stream's events in version order")
+    @observed("get_stream")
+    async def get_stream(request: Request) -> Response:
+        principal = authorize(request, "events:read")
+        stream = request.path_params["stream"]
+        from_version = _int_param(request, "from_version", 1, minimum=1)
+        limit = _int_param(request, "limit", 100, minimum=1, maximum=_MAX_PAGE)
+        events = await store.read_stream(principal.tenant, stream, from_version, limit + 1)
+        if not events and from_version == 1:
+            raise not_found(f"no stream {stream!r}")
+        page = events[:limit]
+        nxt = events[limit].version if len(events) > limit else None
+        return _json({"stream": stream, "events": [e.to_cloudevent() for e in page], "next": nxt})
+
+    @app.get("/v1/config/{key:path}", summary="Current value of a config key")
+    @observed("get_config")
+    async def get_config(request: Request) -> Response:
+        principal = authorize(request, "config:read")
+        key = request.path_params["key"]
+        try:
+            parse_config_key(key, registered_tags)
+        except ValueError as e:
+            raise not_found(f"no config key {key!r}: {e}") from e
+        item = await anyio.to_thread.run_sync(_reader(config_reader).get, principal.tenant, key)
+        if item is None:
+            raise not_found(f"no config key {key!r}")
+        return _json(dict(item))
+
+    @app.get("/v1/config", summary="Config keys under a prefix")
+    @observed("list_config")
+    async def list_config(request: Request) -> Response:
+        principal = authorize(request, "config:read")
+        prefix = request.query_params.get("prefix", "")
+        limit = _int_param(request, "limit", 100, minimum=1, maximum=_MAX_PAGE)
+        start_after = request.query_params.get("after")
+
+        def page() -> tuple[list[Mapping[str, Any]], str | None]:
+            return _reader(config_reader).list(principal.tenant, prefix, limit=limit, start_after=start_after)
+
+        items, nxt = await anyio.to_thread.run_sync(page)
+        return _json({"prefix": prefix, "items": [dict(i) for i in items], "next": nxt})
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz", summary="Readiness: the database answers")
+    async def readyz() -> Response:
+        if await store.ping():
+            return _json({"status": "ready"})
+        return _problem_response(unavailable("the database is unreachable"))
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _reader(reader: ConfigReader | None) -> ConfigReader:
+    if reader is None:
+        raise unavailable("no config read model is configured")
+    return reader
+
+
+def _int_param(request: Request, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f" and at most {maximum}" if maximum is not None else ""
+        raise Problem(422, "bad-parameter", "Bad query parameter", f"{name} must be an integer ≥ {minimum}{bound}")
+    return value

@@ -1,0 +1,172 @@
+"""Bearer-token verification: who is calling, for which tenant, with which rights.
+
+The tenant is taken from the token only. Algorithms come from an allowlist fixed by the
+configuration (HS256 with a local secret, or RS256/ES256 keys from a JWKS URL); ``none``
+is never accepted because PyJWT is always called with an explicit ``algorithms`` list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from event_bus.problems import Problem, forbidden, unauthorized
+from event_bus.settings import AuthSettings
+
+TIERS = ("basic", "premium", "enterprise")
+SCOPES = frozenset({"events:write", "events:read", "config:read", "admin"})
+
+_HMAC_ALGORITHMS = ["HS256"]
+_JWKS_ALGORITHMS = ["RS256", "ES256"]
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A per-token override of the tier's token bucket."""
+
+    events_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The verified caller."""
+
+    subject: str
+    tenant: str
+    tier: str
+    scopes: frozenset[str]
+    quota: Quota | None = None
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes and "admin" not in self.scopes:
+            raise forbidden(f"the token lacks the scope {scope!r}")
+
+
+class TokenVerifier:
+    """Verifies bearer tokens and turns their claims into a :class:`Principal`."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        if not settings.jwt_secret and not settings.jwks_url:
+            raise ValueError("set a JWT secret (HS256, local) or a JWKS URL (RS256/ES256)")
+        self._settings = settings
+        self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True) if settings.jwks_url else None
+
+    def verify(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise unauthorized("missing bearer token")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthorized("the Authorization header must be 'Bearer <token>'")
+        claims = self._decode(token.strip())
+        return _principal(claims)
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        s = self._settings
+        options = {"require": ["exp", "sub", "tenant_id"], "verify_aud": s.audience is not None}
+        try:
+            header = jwt.get_unverified_header(token)
+            alg = header.get("alg")
+            if self._jwks is not None and alg in _JWKS_ALGORITHMS:
+                key: Any = self._jwks.get_signing_key_from_jwt(token).key
+                algorithms = _JWKS_ALGORITHMS
+            elif s.jwt_secret and alg in _HMAC_ALGORITHMS:
+                key, algorithms = s.jwt_secret, _HMAC_ALGORITHMS
+            else:
+                raise unauthorized(f"token algorithm {alg!r} is not allowed")
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                audience=s.audience,
+                issuer=s.issuer,
+                leeway=s.leeway_seconds,
+                options=options,  # type: ignore[arg-type]
+            )
+        except jwt.ExpiredSignatureError as e:
+            raise unauthorized("token expired") from e
+        except jwt.ImmatureSignatureError as e:
+            raise unauthorized("token not yet valid (nbf/iat in the future)") from e
+        except jwt.InvalidAudienceError as e:
+            raise unauthorized("token audience not accepted") from e
+        except jwt.InvalidIssuerError as e:
+            raise unauthorized("token issuer not accepted") from e
+        except jwt.InvalidSignatureError as e:
+            raise unauthorized("token signature does not verify") from e
+        except jwt.MissingRequiredClaimError as e:
+            raise unauthorized(f"token lacks the claim {e.claim!r}") from e
+        except jwt.PyJWKClientError as e:
+            raise unauthorized("no signing key for this token") from e
+        except jwt.PyJWTError as e:
+            raise unauthorized("malformed token") from e
+        return claims
+
+
+def _principal(claims: Mapping[str, Any]) -> Principal:
+    tenant = claims.get("tenant_id")
+    if not isinstance(tenant, str) or not tenant:
+        raise unauthorized("claim 'tenant_id' must be a non-empty string")
+    tier = claims.get("tier", "basic")
+    if tier not in TIERS:
+        raise unauthorized(f"claim 'tier' must be one of {', '.join(TIERS)}")
+    scope = claims.get("scope", "")
+    if not isinstance(scope, str):
+        raise unauthorized("claim 'scope' must be a space-separated string")
+    return Principal(
+        subject=str(claims["sub"]),
+        tenant=tenant,
+        tier=tier,
+        scopes=frozenset(scope.split()) & SCOPES,
+        quota=_quota(claims.get("quota")),
+    )
+
+
+def _quota(raw: object) -> Quota | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise unauthorized("claim 'quota' must be an object")
+    rate, burst = raw.get("events_per_second"), raw.get("burst")
+    if not isinstance(rate, int | float) or rate <= 0 or isinstance(rate, bool):
+        raise unauthorized("claim 'quota.events_per_second' must be a positive number")
+    if burst is None:
+        burst = max(1, int(rate))
+    if not isinstance(burst, int) or burst < 1 or isinstance(burst, bool):
+        raise unauthorized("claim 'quota.burst' must be a positive integer")
+    return Quota(float(rate), burst)
+
+
+def issue_dev_token(
+    secret: str,
+    *,
+    tenant: str,
+    subject: str = "dev",
+    tier: str = "basic",
+    scope: str = "events:write events:read config:read",
+    ttl_seconds: int = 3600,
+    issuer: str | None = None,
+    audience: str | None = None,
+    now: float,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """An HS256 token for local development and tests."""
+    claims: dict[str, Any] = {
+        "sub": subject,
+        "tenant_id": tenant,
+        "tier": tier,
+        "scope": scope,
+        "iat": int(now),
+        "exp": int(now) + ttl_seconds,
+    }
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    claims.update(extra or {})
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+__all__ = ["Principal", "Problem", "Quota", "TokenVerifier", "issue_dev_token"]

@@ -1,0 +1,64 @@
+"""Settings objects of the event bus and the log tailer.
+
+They are plain frozen dataclasses: the composition root (``tagbus.settings``) reads the
+environment once and builds them; nothing in ``event_bus`` reads the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TierQuota:
+    """Token-bucket parameters of one tenant tier; ``None`` rate means unlimited."""
+
+    events_per_second: float | None
+    burst: int
+
+
+def default_tiers() -> dict[str, TierQuota]:
+    return {
+        "basic": TierQuota(events_per_second=100.0, burst=200),
+        "premium": TierQuota(events_per_second=1_000.0, burst=2_000),
+        "enterprise": TierQuota(events_per_second=None, burst=0),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """How bearer tokens are verified."""
+
+    jwt_secret: str | None = None
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_seconds: int = 30
+
+
+@dataclass(frozen=True, slots=True)
+class BusSettings:
+    """Settings of the ingest HTTP app."""
+
+    database_url: str
+    auth: AuthSettings
+    tiers: dict[str, TierQuota] = field(default_factory=default_tiers)
+    pool_size: int = 16
+    max_event_bytes: int = 1_048_576
+    max_batch_events: int = 500
+    max_batch_bytes: int = 5 * 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class TailerSettings:
+    """Settings of the log tailer (WAL → Kinesis relay)."""
+
+    database_url: str
+    stream_name: str = "tagbus-events"
+    slot_name: str = "tagbus_tailer"
+    publication: str = "tagbus_events"
+    #: Largest number of WAL changes read per slot peek.
+    read_batch: int = 2_000
+    #: Idle wait between peeks when the slot had nothing new.
+    poll_interval_seconds: float = 0.02
+    heartbeat_seconds: float = 10.0

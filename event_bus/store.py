@@ -1,0 +1,241 @@
+"""The events table as an append-only store: idempotent appends, stream versions, reads.
+
+Commit order: versions are assigned under the row lock of the stream's row in
+``streams``, which is held until the appending transaction commits, so two writers of one
+stream commit in version order and the WAL (which the tailer reads) carries each stream's
+events in version order. Idempotency rests on the unique ``(tenant_id, event_id)`` index:
+a concurrent repeat blocks on it until the first commits, then fails and is retried,
+finding the committed row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from event_bus.envelope import StoredEvent
+from event_bus.validation import NewEvent
+
+_COLUMNS = (
+    "event_id, tenant_id, stream_id, version, type, source, subject, occurred_at, recorded_at, data, metadata, digest"
+)
+SELECT_EVENT = "SELECT " + _COLUMNS + " FROM events WHERE tenant_id = %s AND event_id = %s"
+SELECT_STREAM = (
+    "SELECT " + _COLUMNS + " FROM events WHERE tenant_id = %s AND stream_id = %s AND version >= %s"
+    " ORDER BY version LIMIT %s"
+)
+BUMP_STREAM = (
+    "INSERT INTO streams (tenant_id, stream_id, version) VALUES (%s, %s, 1)"
+    " ON CONFLICT (tenant_id, stream_id) DO UPDATE SET version = streams.version + 1, updated_at = now()"
+    " RETURNING version"
+)
+CREATE_STREAM = (
+    "INSERT INTO streams (tenant_id, stream_id, version) VALUES (%s, %s, 1)"
+    " ON CONFLICT (tenant_id, stream_id) DO NOTHING RETURNING version"
+)
+BUMP_STREAM_IF = (
+    "UPDATE streams SET version = version + 1, updated_at = now()"
+    " WHERE tenant_id = %s AND stream_id = %s AND version = %s RETURNING version"
+)
+CURRENT_VERSION = "SELECT version FROM streams WHERE tenant_id = %s AND stream_id = %s"
+INSERT_EVENT = (
+    "INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,"
+    " data, metadata, digest) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING recorded_at"
+)
+
+_RETRIES = 5
+
+
+class StoreError(Exception):
+    """Base of the event store's errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or is overloaded; nothing was written."""
+
+
+@dataclass(eq=False)
+class VersionConflict(StoreError):
+    """``expectedversion`` did not match the stream's current version."""
+
+    index: int
+    stream: str
+    expected: int
+    current: int
+
+
+@dataclass(eq=False)
+class IdConflict(StoreError):
+    """An event id was reused with different content."""
+
+    index: int
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an appended (or already stored) event sits."""
+
+    id: str
+    tenant: str
+    stream: str
+    version: int
+    recorded_at: datetime
+    created: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "stream": self.stream,
+            "version": self.version,
+            "recorded_at": self.recorded_at.isoformat().replace("+00:00", "Z"),
+        }
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    set_json_dumps(orjson.dumps, context=conn)
+    set_json_loads(orjson.loads, context=conn)
+
+
+class EventStore:
+    """Appends events to and reads them from the events table through a connection pool."""
+
+    def __init__(self, database_url: str, *, pool_size: int = 16, pool_timeout: float = 5.0) -> None:
+        self._pool = AsyncConnectionPool(
+            database_url,
+            min_size=min(4, pool_size),
+            max_size=pool_size,
+            timeout=pool_timeout,
+            configure=_configure,
+            open=False,
+            kwargs={"autocommit": False},
+        )
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self) -> bool:
+        try:
+            async with self._pool.connection(timeout=2.0) as conn:
+                await conn.execute("SELECT 1")
+        except (psycopg.Error, PoolTimeout):
+            return False
+        return True
+
+    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+        """Append ``events`` in one transaction: all of them are stored, or none."""
+        for attempt in range(_RETRIES):
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    return [await _append_one(conn, i, e) for i, e in enumerate(events)]
+            except pg_errors.UniqueViolation as e:
+                # A concurrent writer committed the same id (or stream version) first:
+                # run again, and the repeat is then answered from the committed row.
+                if attempt == _RETRIES - 1:
+                    raise StoreUnavailable("too much contention on one event id or stream") from e
+            except pg_errors.DeadlockDetected as e:
+                if attempt == _RETRIES - 1:
+                    raise StoreUnavailable("too much contention between batches") from e
+                await asyncio.sleep(0.01 * (attempt + 1))
+            except PoolTimeout as e:
+                raise StoreUnavailable("no database connection available in time") from e
+            except psycopg.OperationalError as e:
+                raise StoreUnavailable("the database is unreachable") from e
+        raise AssertionError("unreachable")
+
+    async def get(self, tenant: str, event_id: str) -> StoredEvent | None:
+        rows = await self._fetch(SELECT_EVENT, (tenant, event_id))
+        return _stored(rows[0]) if rows else None
+
+    async def read_stream(self, tenant: str, stream: str, from_version: int, limit: int) -> list[StoredEvent]:
+        rows = await self._fetch(SELECT_STREAM, (tenant, stream, from_version, limit))
+        return [_stored(r) for r in rows]
+
+    async def _fetch(self, query: str, params: tuple[Any, ...]) -> list[TupleRow]:
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(query, params)  # type: ignore[arg-type]
+                rows = await cur.fetchall()
+                await conn.rollback()
+                return rows
+        except PoolTimeout as e:
+            raise StoreUnavailable("no database connection available in time") from e
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable("the database is unreachable") from e
+
+
+async def _append_one(conn: psycopg.AsyncConnection[Any], index: int, event: NewEvent) -> AppendResult:
+    cur = await conn.execute(SELECT_EVENT, (event.tenant, event.id))
+    existing = await cur.fetchone()
+    if existing is not None:
+        if existing[11] != event.digest:
+            raise IdConflict(index, event.id)
+        return AppendResult(event.id, event.tenant, existing[2], existing[3], existing[8], created=False)
+    version = await _next_version(conn, index, event)
+    cur = await conn.execute(
+        INSERT_EVENT,
+        (
+            event.id,
+            event.tenant,
+            event.stream,
+            version,
+            event.type,
+            event.source,
+            event.subject,
+            event.time,
+            Jsonb(event.data) if event.data is not None else None,
+            Jsonb(event.metadata),
+            event.digest,
+        ),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return AppendResult(event.id, event.tenant, event.stream, version, row[0], created=True)
+
+
+async def _next_version(conn: psycopg.AsyncConnection[Any], index: int, event: NewEvent) -> int:
+    key = (event.tenant, event.stream)
+    if event.expected_version is None:
+        cur = await conn.execute(BUMP_STREAM, key)
+    elif event.expected_version == 0:
+        cur = await conn.execute(CREATE_STREAM, key)
+    else:
+        cur = await conn.execute(BUMP_STREAM_IF, (*key, event.expected_version))
+    row = await cur.fetchone()
+    if row is not None:
+        return int(row[0])
+    cur = await conn.execute(CURRENT_VERSION, key)
+    current = await cur.fetchone()
+    raise VersionConflict(index, event.stream, event.expected_version or 0, int(current[0]) if current else 0)
+
+
+def _stored(row: TupleRow) -> StoredEvent:
+    metadata = dict(row[10] or {})
+    return StoredEvent(
+        id=row[0],
+        tenant=row[1],
+        stream=row[2],
+        version=row[3],
+        type=row[4],
+        source=row[5],
+        subject=row[6],
+        time=row[7],
+        recorded_at=row[8],
+        data=row[9],
+        datacontenttype=metadata.pop("datacontenttype", None),
+        metadata=metadata,
+    )

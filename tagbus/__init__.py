@@ -1,0 +1,1 @@
+"""tagbus: the composition root — settings, the ``tagbus`` CLI and the local stack."""

@@ -1,0 +1,3 @@
+from tagbus.cli import main
+
+main()
