@@ -1,0 +1,57 @@
+# tagbus — every target installs what it needs first (see `setup`).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TAGBUS := $(VENV)/bin/tagbus
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: setup up down demo test check lint types bench status clean
+
+## setup: system packages (apt, as root), the virtualenv, kinesis-mock, DynamoDB Local and the KCL jars
+setup: $(STAMP)
+	$(PY) -m tagbus.install
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+## up / down: start or stop the local stack in the background (state under .tagbus/)
+up: setup
+	$(TAGBUS) up
+
+down:
+	@if [ -x $(TAGBUS) ]; then $(TAGBUS) down; fi
+
+status:
+	$(TAGBUS) status
+
+## demo: the main job end to end — post config events for two tenants, wait until both read models show them
+demo: up
+	$(TAGBUS) demo
+
+## test: every test, unit and end-to-end through the real parts (starts the stack if needed)
+# pytest's exit code is kept in .tagbus/pytest-exit so that .ci/run can tell "no tests" (5) apart.
+test: up
+	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; echo $$rc > .tagbus/pytest-exit; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+types: setup
+	$(VENV)/bin/mypy
+
+## check: what CI runs — lint, types, then the tests
+check: lint types test
+
+## bench: the benchmarks (results printed and written under reports/)
+bench: up
+	$(PY) -m bench
+
+clean: down
+	rm -rf .tagbus
