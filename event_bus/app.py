@@ -279,7 +279,10 @@ def create_app(
         def page() -> tuple[list[Mapping[str, Any]], str | None]:
             return _reader(config_reader).list(principal.tenant, prefix, limit=limit, start_after=start_after)
 
-        items, nxt = await anyio.to_thread.run_sync(page)
+        try:
+            items, nxt = await anyio.to_thread.run_sync(page)
+        except ValueError as e:
+            raise Problem(422, "bad-parameter", "Bad query parameter", f"prefix: {e}") from e
         return _json({"prefix": prefix, "items": [dict(i) for i in items], "next": nxt})
 
     @app.get("/healthz", summary="Liveness")

@@ -181,6 +181,33 @@ def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = 
     command.upgrade(cfg, revision)
 
 
+@app.command()
+def bus(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Run the event bus (HTTP ingest and read API) in the foreground."""
+    import logging
+
+    import uvicorn
+
+    from tagbus.compose import bus_app
+
+    s = _settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(bus_app(s), host=host, port=s.http_port, access_log=False, log_level="warning")
+
+
+@app.command()
+def demo(timeout: Annotated[float, typer.Option(help="Seconds to wait for the read models.")] = 90.0) -> None:
+    """Post config events for two tenants and wait until both read models show them."""
+    from tagbus import demo as demo_mod
+
+    try:
+        demo_mod.run(_settings(), out, timeout=timeout)
+    except demo_mod.DemoError as e:
+        raise CliError(str(e)) from e
+
+
 def main() -> None:
     """Entry point of the ``tagbus`` console script."""
     try:

@@ -1,0 +1,73 @@
+"""Wiring: builds each part from the settings. The only module that knows every component."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI
+
+from event_bus.app import create_app
+from projections.errors import InvalidConfigKey, UnknownTag
+from projections.model import ConfigItem
+from projections.router import TagRouter
+from projections.stores.dynamodb import DynamoDBConfigStore
+from projections.stores.ssm import SSMConfigStore
+from tagbus import aws
+from tagbus.settings import Settings
+
+
+def build_router(settings: Settings) -> TagRouter:
+    """The tag router with the built-in read models: tenantconfig → DynamoDB, paramconfig → SSM."""
+    router = TagRouter()
+    router.register("tenantconfig", DynamoDBConfigStore(aws.client(settings, "dynamodb")))
+    router.register("paramconfig", SSMConfigStore(aws.client(settings, "ssm"), tag="paramconfig"))
+    return router
+
+
+class RouterConfigReader:
+    """Adapts the tag router to the bus's ``ConfigReader`` port (JSON-ready mappings)."""
+
+    def __init__(self, router: TagRouter) -> None:
+        self._router = router
+
+    def get(self, tenant: str, key: str) -> Mapping[str, Any] | None:
+        try:
+            item = self._router.get(tenant, key)
+        except (InvalidConfigKey, UnknownTag):
+            return None
+        return _item_json(item) if item else None
+
+    def list(
+        self, tenant: str, prefix: str, *, limit: int, start_after: str | None
+    ) -> tuple[list[Mapping[str, Any]], str | None]:
+        if ":" in prefix:
+            page = self._router.list(tenant, prefix, limit=limit, start_after=start_after)
+            return [_item_json(i) for i in page.items], page.next_token
+        # No tag in the prefix: walk the tags it matches in key order, one page across them.
+        items: list[ConfigItem] = []
+        for tag in sorted(t for t in self._router.registered_tags if t.startswith(prefix)):
+            if start_after and start_after.partition(":")[0] > tag:
+                continue
+            after = start_after if start_after and start_after.startswith(tag + ":") else None
+            page = self._router.list(tenant, tag + ":", limit=limit - len(items), start_after=after)
+            items.extend(page.items)
+            if page.next_token:
+                return [_item_json(i) for i in items], page.next_token
+            if len(items) >= limit:
+                return [_item_json(i) for i in items], str(items[-1].key)
+        return [_item_json(i) for i in items], None
+
+
+def _item_json(item: ConfigItem) -> dict[str, Any]:
+    return {
+        "key": str(item.key),
+        "value": item.value,
+        "version": item.version,
+        "updated_at": item.updated_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def bus_app(settings: Settings) -> FastAPI:
+    router = build_router(settings)
+    return create_app(settings.bus(), tags=router.registered_tags, config_reader=RouterConfigReader(router))
