@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from event_bus.auth import Principal, TokenVerifier
 from event_bus.problems import (
     PROBLEM_CONTENT_TYPE,
+    FieldError,
     Problem,
     bad_json,
     conflict,
@@ -213,7 +214,8 @@ def create_app(
             raise invalid([], "a batch holds at least one event")
         if len(body) > settings.max_batch_events:
             raise too_large(f"a batch holds at most {settings.max_batch_events} events")
-        events, errors = [], []
+        events: list[NewEvent] = []
+        errors: list[FieldError] = []
         for i, item in enumerate(body):
             try:
                 events.append(

@@ -25,8 +25,21 @@ CONFIG_TYPES = frozenset({CONFIG_SET, CONFIG_DELETED})
 
 _KNOWN_ATTRIBUTES = frozenset(
     {
-        "specversion", "id", "source", "type", "subject", "time", "datacontenttype", "data",
-        "tenantid", "streamid", "version", "recordedat", "position", "correlationid", "causationid",
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "subject",
+        "time",
+        "datacontenttype",
+        "data",
+        "tenantid",
+        "streamid",
+        "version",
+        "recordedat",
+        "position",
+        "correlationid",
+        "causationid",
     }
 )
 

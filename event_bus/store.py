@@ -26,12 +26,13 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from event_bus.envelope import StoredEvent
 from event_bus.validation import NewEvent
 
-_COLUMNS = (
-    "event_id, tenant_id, stream_id, version, type, source, subject, occurred_at, recorded_at, data, metadata, digest"
+SELECT_EVENT = (
+    "SELECT event_id, tenant_id, stream_id, version, type, source, subject, occurred_at, recorded_at, data,"
+    " metadata, digest FROM events WHERE tenant_id = %s AND event_id = %s"
 )
-SELECT_EVENT = "SELECT " + _COLUMNS + " FROM events WHERE tenant_id = %s AND event_id = %s"
 SELECT_STREAM = (
-    "SELECT " + _COLUMNS + " FROM events WHERE tenant_id = %s AND stream_id = %s AND version >= %s"
+    "SELECT event_id, tenant_id, stream_id, version, type, source, subject, occurred_at, recorded_at, data,"
+    " metadata, digest FROM events WHERE tenant_id = %s AND stream_id = %s AND version >= %s"
     " ORDER BY version LIMIT %s"
 )
 BUMP_STREAM = (
@@ -168,7 +169,7 @@ class EventStore:
     async def _fetch(self, query: str, params: tuple[Any, ...]) -> list[TupleRow]:
         try:
             async with self._pool.connection() as conn:
-                cur = await conn.execute(query, params)  # type: ignore[arg-type]
+                cur = await conn.execute(query, params)
                 rows = await cur.fetchall()
                 await conn.rollback()
                 return rows

@@ -21,4 +21,4 @@ def client(settings: Settings, service: str, **config: Any) -> Any:
         region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
     )
     retries = config.pop("retries", {"mode": "standard", "max_attempts": 3})
-    return session.client(service, endpoint_url=endpoint, config=Config(retries=retries, **config))
+    return session.client(service, endpoint_url=endpoint, config=Config(retries=retries, **config))  # type: ignore[call-overload]

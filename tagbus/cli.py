@@ -47,7 +47,9 @@ def _secret(s: Settings) -> str:
     return s.auth.jwt_secret
 
 
-def _dev_token(s: Settings, tenant: str, tier: str = "enterprise", scope: str = "events:write events:read config:read") -> str:
+def _dev_token(
+    s: Settings, tenant: str, tier: str = "enterprise", scope: str = "events:write events:read config:read"
+) -> str:
     from event_bus.auth import issue_dev_token
 
     return issue_dev_token(
@@ -130,7 +132,9 @@ def post(
     if stream:
         event["streamid"] = stream
     with _http(s, _dev_token(s, tenant)) as client:
-        result = _check(client.post("/v1/events", content=orjson.dumps(event), headers={"Content-Type": "application/json"}))
+        result = _check(
+            client.post("/v1/events", content=orjson.dumps(event), headers={"Content-Type": "application/json"})
+        )
     out.print_json(orjson.dumps(result).decode())
 
 

@@ -7,22 +7,18 @@ from typing import Any
 
 from fastapi import FastAPI
 
+import consumers.processor
 from event_bus.app import create_app
 from projections.errors import InvalidConfigKey, UnknownTag
 from projections.model import ConfigItem
 from projections.router import TagRouter
-from projections.stores.dynamodb import DynamoDBConfigStore
-from projections.stores.ssm import SSMConfigStore
 from tagbus import aws
 from tagbus.settings import Settings
 
 
 def build_router(settings: Settings) -> TagRouter:
-    """The tag router with the built-in read models: tenantconfig → DynamoDB, paramconfig → SSM."""
-    router = TagRouter()
-    router.register("tenantconfig", DynamoDBConfigStore(aws.client(settings, "dynamodb")))
-    router.register("paramconfig", SSMConfigStore(aws.client(settings, "ssm"), tag="paramconfig"))
-    return router
+    """The tag router with the built-in read models, on clients built from the settings."""
+    return consumers.processor.build_router(aws.client(settings, "dynamodb"), aws.client(settings, "ssm"))
 
 
 class RouterConfigReader:

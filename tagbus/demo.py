@@ -54,11 +54,19 @@ def run(settings: Settings, console: Console, *, timeout: float = 90.0) -> None:
         tenant: httpx.Client(
             base_url=settings.base_url,
             timeout=10.0,
-            headers={"Authorization": "Bearer " + issue_dev_token(
-                secret, tenant=tenant, subject="demo", tier="enterprise",
-                scope="events:write config:read", issuer=settings.auth.issuer,
-                audience=settings.auth.audience, now=time.time(),
-            )},
+            headers={
+                "Authorization": "Bearer "
+                + issue_dev_token(
+                    secret,
+                    tenant=tenant,
+                    subject="demo",
+                    tier="enterprise",
+                    scope="events:write config:read",
+                    issuer=settings.auth.issuer,
+                    audience=settings.auth.audience,
+                    now=time.time(),
+                )
+            },
         )
         for tenant in DEMO_CONFIG
     }
@@ -97,8 +105,14 @@ def run(settings: Settings, console: Console, *, timeout: float = 90.0) -> None:
         item, latency = seen[(p.tenant, p.key)]
         if item["value"] != p.value:
             raise DemoError(f"{p.tenant}/{p.key} reads {item['value']!r}, expected {p.value!r}")
-        table.add_row(p.tenant, p.key, STORES[p.key.split(":")[0]], repr(item["value"]), str(item["version"]),
-                      f"{latency * 1000:.0f} ms")
+        table.add_row(
+            p.tenant,
+            p.key,
+            STORES[p.key.split(":")[0]],
+            repr(item["value"]),
+            str(item["version"]),
+            f"{latency * 1000:.0f} ms",
+        )
     console.print(table)
     for client in clients.values():
         client.close()

@@ -1,0 +1,1 @@
+"""KCL record processors that project the event stream into the read models."""

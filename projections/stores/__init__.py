@@ -1,0 +1,1 @@
+"""Read model adapters behind the :class:`~projections.stores.base.ConfigStore` port."""
