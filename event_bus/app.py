@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from event_bus.auth import Principal, TokenVerifier
+from event_bus.group_commit import GroupCommitter
 from event_bus.problems import (
     PROBLEM_CONTENT_TYPE,
     FieldError,
@@ -105,17 +106,26 @@ def create_app(
 ) -> FastAPI:
     """Build the bus app; the composition root passes the tags and the config read side."""
     store = store or EventStore(settings.database_url, pool_size=settings.pool_size)
+    metrics = _Metrics.create()
+    committer = GroupCommitter(
+        store,
+        workers=settings.commit_workers,
+        max_group=settings.max_commit_group,
+        max_waiting=settings.max_waiting,
+        on_commit=metrics.batch_size.observe,
+    )
     verifier = verifier or TokenVerifier(settings.auth)
     quotas = QuotaGate(settings.tiers)
-    metrics = _Metrics.create()
     registered_tags = frozenset(tags)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await store.open()
+        await committer.start()
         try:
             yield
         finally:
+            await committer.stop()
             await store.close()
 
     app = FastAPI(title="tagbus event bus", version="0.1.0", lifespan=lifespan)
@@ -176,7 +186,11 @@ def create_app(
     async def append(principal: Principal, events: list[NewEvent]) -> list[AppendResult]:
         quotas.admit(principal, len(events))
         try:
-            results = await store.append(events)
+            if len(events) == 1:
+                results = [await committer.append(events[0])]
+            else:
+                results = await store.append(events)
+                metrics.batch_size.observe(len(events))
         except VersionConflict as e:
             raise conflict(
                 "version-conflict",
@@ -189,7 +203,6 @@ def create_app(
             raise conflict(
                 "id-conflict", f"event id {e.event_id!r} was already used with different content", index=e.index
             ) from e
-        metrics.batch_size.observe(len(events))
         metrics.events.labels(principal.tier).inc(sum(r.created for r in results))
         return results
 

@@ -44,6 +44,11 @@ class BusSettings:
     auth: AuthSettings
     tiers: dict[str, TierQuota] = field(default_factory=default_tiers)
     pool_size: int = 16
+    #: Group commit: transactions in flight at once, requests per transaction, and how many
+    #: requests may wait for one before the bus answers 503.
+    commit_workers: int = 4
+    max_commit_group: int = 256
+    max_waiting: int = 4_096
     max_event_bytes: int = 1_048_576
     max_batch_events: int = 500
     max_batch_bytes: int = 5 * 1_048_576

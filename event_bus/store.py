@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -129,6 +130,10 @@ class EventStore:
     async def close(self) -> None:
         await self._pool.close()
 
+    def connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """A pooled connection (not in autocommit mode)."""
+        return self._pool.connection()
+
     async def ping(self) -> bool:
         try:
             async with self._pool.connection(timeout=2.0) as conn:
@@ -187,22 +192,7 @@ async def _append_one(conn: psycopg.AsyncConnection[Any], index: int, event: New
             raise IdConflict(index, event.id)
         return AppendResult(event.id, event.tenant, existing[2], existing[3], existing[8], created=False)
     version = await _next_version(conn, index, event)
-    cur = await conn.execute(
-        INSERT_EVENT,
-        (
-            event.id,
-            event.tenant,
-            event.stream,
-            version,
-            event.type,
-            event.source,
-            event.subject,
-            event.time,
-            Jsonb(event.data) if event.data is not None else None,
-            Jsonb(event.metadata),
-            event.digest,
-        ),
-    )
+    cur = await conn.execute(INSERT_EVENT, _with_version(insert_params(event), version))
     row = await cur.fetchone()
     assert row is not None
     return AppendResult(event.id, event.tenant, event.stream, version, row[0], created=True)
@@ -222,6 +212,27 @@ async def _next_version(conn: psycopg.AsyncConnection[Any], index: int, event: N
     cur = await conn.execute(CURRENT_VERSION, key)
     current = await cur.fetchone()
     raise VersionConflict(index, event.stream, event.expected_version or 0, int(current[0]) if current else 0)
+
+
+def insert_params(event: NewEvent) -> tuple[Any, ...]:
+    """Parameters of an events-table insert, in column order, without the version."""
+    data = Jsonb(event.data) if event.data is not None else None
+    return (
+        event.id,
+        event.tenant,
+        event.stream,
+        event.type,
+        event.source,
+        event.subject,
+        event.time,
+        data,
+        Jsonb(event.metadata),
+        event.digest,
+    )
+
+
+def _with_version(params: tuple[Any, ...], version: int) -> tuple[Any, ...]:
+    return (*params[:3], version, *params[3:])
 
 
 def _stored(row: TupleRow) -> StoredEvent:

@@ -1,0 +1,227 @@
+"""Group commit: concurrent single-event requests share one transaction and one WAL flush.
+
+Each waiting request is answered only after the transaction holding its event committed
+(``synchronous_commit`` stays on). A group is written in psycopg's pipeline mode, so the
+whole group costs a few round trips instead of several per event.
+
+The statements of a group never fail on ordinary conflicts: a repeated id is found by one
+look-up before the group is written, and a stale ``expectedversion`` simply inserts no row.
+What can still abort a group — a concurrent repeat of the same id committed by another
+group, or a deadlock — sends each of its requests down the one-transaction-per-request path
+of :meth:`EventStore.append`, which is slower but settles every case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg_pool import PoolTimeout
+
+from event_bus.store import (
+    CURRENT_VERSION,
+    AppendResult,
+    EventStore,
+    IdConflict,
+    StoreUnavailable,
+    VersionConflict,
+    insert_params,
+)
+from event_bus.validation import NewEvent
+
+# The stream row is bumped and the event inserted in one statement. A stale expected
+# version makes the CTE return no row, so nothing is inserted and nothing fails.
+_INSERT_COLUMNS = (
+    " INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,"
+    " data, metadata, digest) SELECT %s, %s, %s, s.version, %s, %s, %s, %s, %s, %s, %s FROM s"
+    " RETURNING version, recorded_at"
+)
+APPEND_NEXT = (
+    "WITH s AS (INSERT INTO streams (tenant_id, stream_id, version) VALUES (%s, %s, 1)"
+    " ON CONFLICT (tenant_id, stream_id) DO UPDATE SET version = streams.version + 1, updated_at = now()"
+    " RETURNING version)" + _INSERT_COLUMNS
+)
+APPEND_NEW_STREAM = (
+    "WITH s AS (INSERT INTO streams (tenant_id, stream_id, version) VALUES (%s, %s, 1)"
+    " ON CONFLICT (tenant_id, stream_id) DO NOTHING RETURNING version)" + _INSERT_COLUMNS
+)
+APPEND_IF_VERSION = (
+    "WITH s AS (UPDATE streams SET version = version + 1, updated_at = now()"
+    " WHERE tenant_id = %s AND stream_id = %s AND version = %s RETURNING version)" + _INSERT_COLUMNS
+)
+FIND_EXISTING = (
+    "SELECT e.tenant_id, e.event_id, e.stream_id, e.version, e.recorded_at, e.digest"
+    " FROM unnest(%s::text[], %s::text[]) AS k(tenant_id, event_id)"
+    " JOIN events e ON e.tenant_id = k.tenant_id AND e.event_id = k.event_id"
+)
+
+
+@dataclass(eq=False)
+class _Pending:
+    event: NewEvent
+    future: asyncio.Future[AppendResult]
+    done: bool = field(default=False)
+
+    def settle(self, outcome: AppendResult | Exception) -> None:
+        if self.done or self.future.done():
+            return
+        self.done = True
+        if isinstance(outcome, Exception):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+class GroupCommitter:
+    """Collects single-event appends and commits them together.
+
+    ``workers`` groups may be in flight at once (each on its own connection), and a group
+    takes at most ``max_group`` waiting requests. ``max_waiting`` bounds the queue: past
+    it, requests are refused at once with :class:`StoreUnavailable` (the app answers 503)
+    instead of waiting towards a timeout.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        workers: int = 4,
+        max_group: int = 256,
+        max_waiting: int = 4_096,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._workers = workers
+        self._max_group = max_group
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_waiting)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._on_commit = on_commit or (lambda _: None)
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run(), name=f"group-commit-{i}") for i in range(self._workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        while not self._queue.empty():
+            self._queue.get_nowait().settle(StoreUnavailable("the bus is shutting down"))
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    async def append(self, event: NewEvent) -> AppendResult:
+        """Append one event; returns after the transaction holding it committed."""
+        pending = _Pending(event, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise StoreUnavailable("too many requests waiting for the database") from None
+        return await pending.future
+
+    async def _run(self) -> None:
+        while True:
+            group = [await self._queue.get()]
+            while len(group) < self._max_group and not self._queue.empty():
+                group.append(self._queue.get_nowait())
+            try:
+                await self._commit_group(group)
+            except asyncio.CancelledError:
+                for pending in group:
+                    pending.settle(StoreUnavailable("the bus is shutting down"))
+                raise
+            except Exception as e:  # never leave a request hanging, whatever happened
+                for pending in group:
+                    pending.settle(e if isinstance(e, StoreUnavailable) else StoreUnavailable(str(e)))
+
+    async def _commit_group(self, group: list[_Pending]) -> None:
+        # Two requests with one id in one group would collide on the unique index: the
+        # later ones wait for the next group, where they are answered as repeats.
+        seen: set[tuple[str, str]] = set()
+        now, later = [], []
+        for pending in group:
+            key = (pending.event.tenant, pending.event.id)
+            (later if key in seen else now).append(pending)
+            seen.add(key)
+        for pending in later:
+            self._queue.put_nowait(pending)
+        try:
+            await self._write(now)
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
+            for pending in now:
+                await self._append_alone(pending)
+        except PoolTimeout as e:
+            raise StoreUnavailable("no database connection available in time") from e
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable("the database is unreachable") from e
+
+    async def _write(self, group: list[_Pending]) -> None:
+        conflicts: list[_Pending] = []
+        written: list[tuple[_Pending, AppendResult]] = []
+        async with self._store.connection() as conn:
+            async with conn.transaction():
+                existing = await _existing(conn, group)
+                fresh = []
+                for pending in group:
+                    found = existing.get((pending.event.tenant, pending.event.id))
+                    if found is None:
+                        fresh.append(pending)
+                    elif found[5] != pending.event.digest:
+                        pending.settle(IdConflict(0, pending.event.id))
+                    else:
+                        pending.settle(
+                            AppendResult(pending.event.id, pending.event.tenant, found[2], found[3], found[4], False)
+                        )
+                async with conn.pipeline():
+                    cursors = [await conn.execute(*_statement(p.event)) for p in fresh]
+                    for pending, cur in zip(fresh, cursors, strict=True):
+                        row = await cur.fetchone()
+                        if row is None:
+                            conflicts.append(pending)
+                        else:
+                            e = pending.event
+                            written.append((pending, AppendResult(e.id, e.tenant, e.stream, row[0], row[1], True)))
+            # Committed: only now may the requests be answered.
+            self._on_commit(len(written))
+            for pending, result in written:
+                pending.settle(result)
+            for pending in conflicts:
+                e = pending.event
+                cur = await conn.execute(CURRENT_VERSION, (e.tenant, e.stream))
+                current = await cur.fetchone()
+                await conn.rollback()
+                pending.settle(VersionConflict(0, e.stream, e.expected_version or 0, int(current[0]) if current else 0))
+
+    async def _append_alone(self, pending: _Pending) -> None:
+        if pending.done:
+            return
+        try:
+            [result] = await self._store.append([pending.event])
+        except Exception as e:
+            pending.settle(e)
+        else:
+            pending.settle(result)
+
+
+async def _existing(
+    conn: psycopg.AsyncConnection[Any], group: list[_Pending]
+) -> dict[tuple[str, str], tuple[Any, ...]]:
+    cur = await conn.execute(FIND_EXISTING, ([p.event.tenant for p in group], [p.event.id for p in group]))
+    return {(row[0], row[1]): row for row in await cur.fetchall()}
+
+
+def _statement(event: NewEvent) -> tuple[str, tuple[Any, ...]]:
+    params = insert_params(event)
+    key = (event.tenant, event.stream)
+    if event.expected_version is None:
+        return APPEND_NEXT, (*key, *params)
+    if event.expected_version == 0:
+        return APPEND_NEW_STREAM, (*key, *params)
+    return APPEND_IF_VERSION, (*key, event.expected_version, *params)
