@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import PoolTimeout
 
 from event_bus.store import (
@@ -35,23 +36,33 @@ from event_bus.validation import NewEvent
 
 # The stream row is bumped and the event inserted in one statement. A stale expected
 # version makes the CTE return no row, so nothing is inserted and nothing fails.
-_INSERT_COLUMNS = (
-    " INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,"
+_INSERT_FROM_S = sql.SQL(
+    "INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,"
     " data, metadata, digest) SELECT %s, %s, %s, s.version, %s, %s, %s, %s, %s, %s, %s FROM s"
     " RETURNING version, recorded_at"
 )
-APPEND_NEXT = (
-    "WITH s AS (INSERT INTO streams (tenant_id, stream_id, version) VALUES (%s, %s, 1)"
-    " ON CONFLICT (tenant_id, stream_id) DO UPDATE SET version = streams.version + 1, updated_at = now()"
-    " RETURNING version)" + _INSERT_COLUMNS
+_WITH_S = sql.SQL("WITH s AS ({}) {}")
+APPEND_NEXT = _WITH_S.format(
+    sql.SQL(
+        "INSERT INTO streams (tenant_id, stream_id, version) VALUES (%s, %s, 1)"
+        " ON CONFLICT (tenant_id, stream_id) DO UPDATE SET version = streams.version + 1, updated_at = now()"
+        " RETURNING version"
+    ),
+    _INSERT_FROM_S,
 )
-APPEND_NEW_STREAM = (
-    "WITH s AS (INSERT INTO streams (tenant_id, stream_id, version) VALUES (%s, %s, 1)"
-    " ON CONFLICT (tenant_id, stream_id) DO NOTHING RETURNING version)" + _INSERT_COLUMNS
+APPEND_NEW_STREAM = _WITH_S.format(
+    sql.SQL(
+        "INSERT INTO streams (tenant_id, stream_id, version) VALUES (%s, %s, 1)"
+        " ON CONFLICT (tenant_id, stream_id) DO NOTHING RETURNING version"
+    ),
+    _INSERT_FROM_S,
 )
-APPEND_IF_VERSION = (
-    "WITH s AS (UPDATE streams SET version = version + 1, updated_at = now()"
-    " WHERE tenant_id = %s AND stream_id = %s AND version = %s RETURNING version)" + _INSERT_COLUMNS
+APPEND_IF_VERSION = _WITH_S.format(
+    sql.SQL(
+        "UPDATE streams SET version = version + 1, updated_at = now()"
+        " WHERE tenant_id = %s AND stream_id = %s AND version = %s RETURNING version"
+    ),
+    _INSERT_FROM_S,
 )
 FIND_EXISTING = (
     "SELECT e.tenant_id, e.event_id, e.stream_id, e.version, e.recorded_at, e.digest"
@@ -145,7 +156,8 @@ class GroupCommitter:
         # Two requests with one id in one group would collide on the unique index: the
         # later ones wait for the next group, where they are answered as repeats.
         seen: set[tuple[str, str]] = set()
-        now, later = [], []
+        now: list[_Pending] = []
+        later: list[_Pending] = []
         for pending in group:
             key = (pending.event.tenant, pending.event.id)
             (later if key in seen else now).append(pending)
@@ -217,7 +229,7 @@ async def _existing(
     return {(row[0], row[1]): row for row in await cur.fetchall()}
 
 
-def _statement(event: NewEvent) -> tuple[str, tuple[Any, ...]]:
+def _statement(event: NewEvent) -> tuple[sql.Composed, tuple[Any, ...]]:
     params = insert_params(event)
     key = (event.tenant, event.stream)
     if event.expected_version is None:

@@ -1,0 +1,585 @@
+"""The log tailer against a real PostgreSQL: commit order, at-least-once, heartbeat, one active tailer.
+
+Kinesis is a fake client here (scripted partial failures and throttling), plus one test
+against a real Kinesis API (kinesis-mock) when ``AWS_ENDPOINT_URL_KINESIS`` is set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import botocore.exceptions
+import orjson
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry
+
+from event_bus.envelope import StoredEvent
+from event_bus.pgoutput import format_lsn, parse_lsn
+from event_bus.settings import TailerSettings
+from event_bus.tailer import (
+    KinesisPublisher,
+    KinesisRejectedError,
+    LockUnavailableError,
+    LogTailer,
+    OversizeRecordError,
+    PublishInterruptedError,
+    TailerMetrics,
+    mask_database_url,
+    slot_status,
+)
+
+# ------------------------------------------------------------------ helpers
+
+
+def insert_event(
+    conn: psycopg.Connection[Any],
+    event_id: str,
+    *,
+    tenant: str = "acme",
+    stream: str = "s1",
+    version: int = 1,
+    data: Any = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        """
+        INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,
+                            data, metadata, digest)
+        VALUES (%s, %s, %s, %s, 'thing.happened', '/tests', %s, now(), %s::jsonb, %s::jsonb, 'digest')
+        """,
+        (
+            event_id,
+            tenant,
+            stream,
+            version,
+            stream,
+            None if data is None else orjson.dumps(data).decode(),
+            orjson.dumps(metadata or {}).decode(),
+        ),
+    )
+
+
+def commit_events(url: str, *batches: Sequence[tuple[str, str, int]]) -> None:
+    """Each batch of (event_id, stream, version) in its own transaction."""
+    with psycopg.connect(url) as conn:
+        for batch in batches:
+            with conn.transaction():
+                for event_id, stream, version in batch:
+                    insert_event(conn, event_id, stream=stream, version=version, data={"n": version})
+
+
+class RecordingSink:
+    def __init__(self, fail_on_call: int | None = None, ack_before_failing: int = 0) -> None:
+        self.events: list[StoredEvent] = []
+        self.calls = 0
+        self._fail_on_call = fail_on_call
+        self._ack_before_failing = ack_before_failing
+
+    def publish(self, batch: Sequence[StoredEvent]) -> None:
+        self.calls += 1
+        if self.calls == self._fail_on_call:
+            # Part of the batch reached the stream, then the publisher died.
+            self.events.extend(batch[: self._ack_before_failing])
+            raise RuntimeError("sink failed mid-way")
+        self.events.extend(batch)
+
+
+def settings_for(url: str, slot: str, **overrides: Any) -> TailerSettings:
+    return TailerSettings(database_url=url, slot_name=slot, stream_name="tagbus-test", **overrides)
+
+
+def make_tailer(url: str, slot: str, sink: Any = None, kinesis: Any = None, **knobs: Any) -> LogTailer:
+    overrides = {k: knobs.pop(k) for k in ("read_batch", "heartbeat_seconds", "poll_interval_seconds") if k in knobs}
+    return LogTailer(settings_for(url, slot, **overrides), kinesis, sink=sink, registry=CollectorRegistry(), **knobs)
+
+
+def confirmed_flush(url: str, slot: str) -> int:
+    with psycopg.connect(url) as conn:
+        status = slot_status(conn, slot)
+    assert status is not None and status.confirmed_flush_lsn is not None
+    return status.confirmed_flush_lsn
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def tailers() -> Iterator[list[LogTailer]]:
+    """Tailers to close after the test, so their sessions let go of slots and locks."""
+    made: list[LogTailer] = []
+    yield made
+    for tailer in made:
+        tailer.close()
+
+
+# ------------------------------------------------------------------ commit order
+
+
+def test_events_are_published_in_commit_order(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
+    sink = RecordingSink()
+    tailer = make_tailer(database_url, slot_name, sink)
+    tailers.append(tailer)
+    assert tailer.try_activate()  # creates the slot before any event is written
+
+    commit_events(database_url, [("a1", "a", 1), ("a2", "a", 2)], [("b1", "b", 1)])
+    # Two concurrent transactions: the first takes the lower identity but commits last.
+    early = psycopg.connect(database_url)
+    late = psycopg.connect(database_url)
+    try:
+        insert_event(early, "slow", stream="c", version=1)
+        insert_event(late, "fast", stream="d", version=1)
+        late.commit()
+        early.commit()
+    finally:
+        early.close()
+        late.close()
+    commit_events(database_url, [("a3", "a", 3)])
+
+    result = tailer.drain()
+
+    assert [e.id for e in sink.events] == ["a1", "a2", "b1", "fast", "slow", "a3"]
+    positions = [e.position for e in sink.events]
+    assert positions == sorted(positions) and positions[0] == positions[1]
+    assert result.events == 6 and result.transactions == 5
+    assert confirmed_flush(database_url, slot_name) == result.advanced_to
+    first = sink.events[0]
+    assert (first.tenant, first.stream, first.version, first.data) == ("acme", "a", 1, {"n": 1})
+    assert first.recorded_at.tzinfo is not None and first.time is not None
+    assert tailer.drain().events == 0  # nothing is read twice once acknowledged
+    assert tailer.metrics.events_published._value.get() == 6
+
+
+def test_metadata_becomes_envelope_fields(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
+    sink = RecordingSink()
+    tailer = make_tailer(database_url, slot_name, sink)
+    tailers.append(tailer)
+    tailer.try_activate()
+    meta = {
+        "correlationid": "corr",
+        "causationid": "cause",
+        "datacontenttype": "application/json",
+        "sub": "svc",
+    }
+    with psycopg.connect(database_url) as conn:
+        insert_event(conn, "m1", data=[1, "two", None], metadata=meta)
+    tailer.drain()
+    [event] = sink.events
+    assert event.datacontenttype == "application/json" and event.data == [1, "two", None]
+    body = orjson.loads(event.to_record_data())
+    assert (body["correlationid"], body["causationid"], body["position"]) == ("corr", "cause", event.position)
+
+
+# ------------------------------------------------------------------ at-least-once
+
+
+def test_failed_publish_does_not_advance_and_rerun_resends(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    # read_batch=4: each peek stops at the first commit after 4 messages → one transaction per cycle.
+    failing = RecordingSink(fail_on_call=3, ack_before_failing=1)
+    tailer = make_tailer(database_url, slot_name, failing, read_batch=4, max_read_batch=4)
+    tailers.append(tailer)
+    tailer.try_activate()
+    commit_events(database_url, *[[(f"e{i}a", f"s{i}", 1), (f"e{i}b", f"s{i}", 2)] for i in range(5)])
+
+    tailer.run_once()
+    tailer.run_once()
+    after_two = confirmed_flush(database_url, slot_name)
+    with pytest.raises(RuntimeError, match="mid-way"):
+        tailer.run_once()
+    assert confirmed_flush(database_url, slot_name) == after_two
+    assert [e.id for e in failing.events] == ["e0a", "e0b", "e1a", "e1b", "e2a"]
+    tailer.close()  # the "crash": a new tailer takes over the slot
+
+    healthy = RecordingSink()
+    rerun = make_tailer(database_url, slot_name, healthy)
+    tailers.append(rerun)
+    rerun.drain()
+    assert [e.id for e in healthy.events] == ["e2a", "e2b", "e3a", "e3b", "e4a", "e4b"]
+
+
+def test_oversize_record_is_loud_and_blocks(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
+    client = FakeKinesis()
+    tailer = make_tailer(database_url, slot_name, kinesis=client)
+    tailers.append(tailer)
+    tailer.try_activate()
+    start = confirmed_flush(database_url, slot_name)
+    with psycopg.connect(database_url) as conn:
+        insert_event(conn, "small-before", stream="x", version=1)
+        insert_event(conn, "huge", stream="x", version=2, data={"blob": "x" * 1_100_000})
+    with pytest.raises(OversizeRecordError, match="huge") as caught:
+        tailer.run_once()
+    assert caught.value.event_id == "huge"
+    assert client.calls == []  # nothing of the transaction went out ahead of the oversize event
+    assert confirmed_flush(database_url, slot_name) == start
+
+
+# ------------------------------------------------------------------ Kinesis partial failures
+
+
+class FakeKinesis:
+    """A put_records double: scripted per-call failures; records what each key's shard accepted."""
+
+    def __init__(self, script: Callable[[int, list[dict[str, Any]]], Any] | None = None) -> None:
+        self.calls: list[list[dict[str, Any]]] = []
+        self.accepted: dict[str, list[bytes]] = defaultdict(list)
+        self._script = script
+
+    def put_records(self, *, Records: list[dict[str, Any]], StreamName: str) -> Mapping[str, Any]:
+        call = len(self.calls)
+        self.calls.append(Records)
+        outcome = self._script(call, Records) if self._script else None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        failed_codes: dict[int, str] = outcome or {}
+        results: list[dict[str, Any]] = []
+        for index, record in enumerate(Records):
+            if index in failed_codes:
+                results.append({"ErrorCode": failed_codes[index], "ErrorMessage": "injected"})
+            else:
+                self.accepted[record["PartitionKey"]].append(record["Data"])
+                results.append({"SequenceNumber": str(index), "ShardId": "shardId-000000000000"})
+        return {"FailedRecordCount": len(failed_codes), "Records": results}
+
+
+def versions_in_order(accepted: list[bytes]) -> bool:
+    """The key's versions 1..n appear, in order, as a subsequence of what the shard accepted."""
+    versions = [StoredEvent.from_record_data(data).version for data in accepted]
+    wanted = 1
+    for version in versions:
+        if version == wanted:
+            wanted += 1
+    return wanted - 1 == max(versions)
+
+
+def events_for(keys: str) -> list[StoredEvent]:
+    counters: dict[str, int] = defaultdict(int)
+    out = []
+    for key in keys:
+        counters[key] += 1
+        out.append(
+            StoredEvent(
+                id=f"{key}{counters[key]}",
+                tenant="t",
+                stream=key,
+                version=counters[key],
+                type="x",
+                source="/t",
+                recorded_at=_NOW,
+            )
+        )
+    return out
+
+
+_NOW = StoredEvent.from_cloudevent(
+    {
+        "id": "x",
+        "tenantid": "t",
+        "streamid": "s",
+        "version": 1,
+        "type": "x",
+        "source": "/",
+        "recordedat": "2024-01-01T00:00:00Z",
+    }
+).recorded_at
+
+
+def no_wait(_: float) -> bool:
+    return False
+
+
+def test_partial_failure_resends_failed_and_later_entries_of_the_same_key() -> None:
+    # Batch: A1 A2 B1 A3 B2 C1; A2 throttled and B2 internal failure on the first call.
+    client = FakeKinesis(
+        lambda call, _: {1: "ProvisionedThroughputExceededException", 4: "InternalFailure"} if call == 0 else None
+    )
+    metrics = TailerMetrics(CollectorRegistry())
+    publisher = KinesisPublisher(client, "s", metrics=metrics, wait=no_wait)
+    publisher.publish(events_for("AABABC"))
+    retried = [StoredEvent.from_record_data(r["Data"]).id for r in client.calls[1]]
+    assert retried == ["A2", "A3", "B2"]  # A3 succeeded but would sit before A2: resent, in order
+    assert all(versions_in_order(accepted) for accepted in client.accepted.values())
+    assert metrics.publish_retries.labels("throttled")._value.get() == 1
+
+
+def test_random_partial_failures_keep_every_key_in_version_order() -> None:
+    rng = random.Random(7)
+    client = FakeKinesis(
+        lambda call, records: {
+            i: rng.choice(["ProvisionedThroughputExceededException", "InternalFailure"])
+            for i in range(len(records))
+            if rng.random() < 0.3
+        }
+    )
+    keys = "".join(rng.choice("ABCDEFG") for _ in range(1_200))
+    KinesisPublisher(client, "s", metrics=TailerMetrics(CollectorRegistry()), wait=no_wait).publish(events_for(keys))
+    assert all(len(call) <= 500 for call in client.calls)
+    assert all(versions_in_order(accepted) for accepted in client.accepted.values())
+    distinct = {key.split("/")[1]: len(set(accepted)) for key, accepted in client.accepted.items()}
+    assert distinct == {k: keys.count(k) for k in set(keys)}
+
+
+def test_requests_respect_the_5_mib_limit() -> None:
+    client = FakeKinesis()
+    big = [
+        StoredEvent(
+            id=f"e{i}",
+            tenant="t",
+            stream=f"s{i}",
+            version=1,
+            type="x",
+            source="/",
+            recorded_at=_NOW,
+            data="x" * 900_000,
+        )
+        for i in range(12)
+    ]
+    KinesisPublisher(client, "s", metrics=TailerMetrics(CollectorRegistry()), wait=no_wait).publish(big)
+    assert [len(call) for call in client.calls] == [5, 5, 2]
+    assert all(sum(len(r["Data"]) + len(r["PartitionKey"]) for r in call) <= 5 * 1_048_576 for call in client.calls)
+
+
+def client_error(code: str, status: int = 400) -> botocore.exceptions.ClientError:
+    response: Any = {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return botocore.exceptions.ClientError(response, "PutRecords")
+
+
+def test_throttling_and_unreachable_endpoints_are_retried_with_backoff() -> None:
+    outcomes = iter(
+        [
+            client_error("ProvisionedThroughputExceededException"),
+            botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+            client_error("InternalFailure", 500),
+            None,
+        ]
+    )
+    client = FakeKinesis(lambda call, _: next(outcomes))
+    waits: list[float] = []
+
+    def record_wait(seconds: float) -> bool:
+        waits.append(seconds)
+        return False
+
+    metrics = TailerMetrics(CollectorRegistry())
+    publisher = KinesisPublisher(client, "s", metrics=metrics, wait=record_wait, backoff_cap_seconds=1.0)
+    publisher.publish(events_for("AB"))
+    assert len(client.calls) == 4 and len(waits) == 3 and all(0 <= w <= 1.0 for w in waits)
+    assert metrics.publish_retries.labels("throttled")._value.get() == 1
+    assert metrics.publish_retries.labels("endpoint_unavailable")._value.get() == 2
+
+
+def test_non_retryable_errors_are_raised_as_our_own() -> None:
+    publisher = KinesisPublisher(
+        FakeKinesis(lambda call, _: client_error("ResourceNotFoundException")),
+        "s",
+        wait=no_wait,
+        metrics=TailerMetrics(CollectorRegistry()),
+    )
+    with pytest.raises(KinesisRejectedError) as caught:
+        publisher.publish(events_for("A"))
+    assert caught.value.code == "ResourceNotFoundException"
+    assert isinstance(caught.value.__cause__, botocore.exceptions.ClientError)
+
+    per_entry = KinesisPublisher(
+        FakeKinesis(lambda call, _: {0: "KMSAccessDeniedException"}),
+        "s",
+        wait=no_wait,
+        metrics=TailerMetrics(CollectorRegistry()),
+    )
+    with pytest.raises(KinesisRejectedError, match="A1"):
+        per_entry.publish(events_for("A"))
+
+
+def test_stop_interrupts_an_endless_throttle() -> None:
+    publisher = KinesisPublisher(
+        FakeKinesis(lambda call, _: client_error("ThrottlingException")),
+        "s",
+        wait=lambda s: True,
+        metrics=TailerMetrics(CollectorRegistry()),
+    )
+    with pytest.raises(PublishInterruptedError):
+        publisher.publish(events_for("A"))
+
+
+def test_tailer_with_partial_failures_keeps_per_stream_order(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    rng = random.Random(11)
+    client = FakeKinesis(
+        lambda call, records: {
+            i: "ProvisionedThroughputExceededException" for i in range(len(records)) if rng.random() < 0.25
+        }
+    )
+    tailer = make_tailer(database_url, slot_name, kinesis=client, publish_backoff_cap_seconds=0.001)
+    tailers.append(tailer)
+    tailer.try_activate()
+    versions: dict[str, int] = defaultdict(int)
+    batches = []
+    for _ in range(40):
+        batch = []
+        for _ in range(rng.randint(1, 5)):
+            stream = rng.choice("pqrs")
+            versions[stream] += 1
+            batch.append((f"{stream}{versions[stream]}", stream, versions[stream]))
+        batches.append(batch)
+    commit_events(database_url, *batches)
+    tailer.drain()
+    assert set(client.accepted) == {f"acme/{s}" for s in versions}
+    assert all(versions_in_order(accepted) for accepted in client.accepted.values())
+
+
+# ------------------------------------------------------------------ heartbeat
+
+
+def test_heartbeat_advances_the_slot_on_an_idle_table(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    sink = RecordingSink()
+    tailer = make_tailer(database_url, slot_name, sink, heartbeat_seconds=0.2, poll_interval_seconds=0.02)
+    tailers.append(tailer)
+    tailer.try_activate()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # WAL that the publication does not carry: the slot cannot see a commit to move past.
+        conn.execute("INSERT INTO streams (tenant_id, stream_id, version) VALUES ('acme', 'idle', 1)")
+        [(wal_lsn,)] = conn.execute("SELECT pg_current_wal_lsn()::text").fetchall()
+    assert tailer.drain().transactions == 0
+    assert confirmed_flush(database_url, slot_name) < parse_lsn(wal_lsn)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=tailer.run, args=(stop,))
+    thread.start()
+    try:
+        wait_for(lambda: confirmed_flush(database_url, slot_name) >= parse_lsn(wal_lsn))
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert sink.events == []
+    assert tailer.metrics.last_advance_time._value.get() > 0
+
+
+def test_heartbeat_only_transactions_are_counted(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
+    tailer = make_tailer(database_url, slot_name, RecordingSink())
+    tailers.append(tailer)
+    tailer.try_activate()
+    tailer.emit_heartbeat()
+    result = tailer.run_once()
+    assert (result.transactions, result.heartbeats, result.events) == (1, 1, 0)
+    assert format_lsn(confirmed_flush(database_url, slot_name)) == format_lsn(result.advanced_to or 0)
+
+
+# ------------------------------------------------------------------ one active tailer
+
+
+def test_second_tailer_waits_on_the_lock_and_takes_over(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    first_sink, second_sink = RecordingSink(), RecordingSink()
+    first = make_tailer(database_url, slot_name, first_sink, lock_retry_seconds=0.1)
+    second = make_tailer(database_url, slot_name, second_sink, lock_retry_seconds=0.1, poll_interval_seconds=0.02)
+    tailers.extend([first, second])
+    assert first.try_activate()
+    assert not second.try_activate()
+    with pytest.raises(LockUnavailableError):
+        second.run_once()
+
+    stop = threading.Event()
+    thread = threading.Thread(target=second.run, args=(stop,))
+    thread.start()
+    try:
+        commit_events(database_url, [("w1", "w", 1)])
+        time.sleep(0.5)
+        assert second_sink.events == [] and not second.active
+        first.drain()
+        assert [e.id for e in first_sink.events] == ["w1"]
+        first.close()  # the first tailer dies; its session and lock go with it
+        commit_events(database_url, [("w2", "w", 2)])
+        wait_for(lambda: [e.id for e in second_sink.events] == ["w2"])
+        assert second.active
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_slot_status_and_lag_metric(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
+    tailer = make_tailer(database_url, slot_name, RecordingSink(), status_interval_seconds=0.0)
+    tailers.append(tailer)
+    with psycopg.connect(database_url) as conn:
+        assert slot_status(conn, slot_name) is None
+    tailer.try_activate()
+    commit_events(database_url, [("l1", "l", 1)])
+    with psycopg.connect(database_url) as conn:
+        before = slot_status(conn, slot_name)
+    assert before is not None and before.lag_bytes > 0 and before.wal_status == "reserved"
+    tailer.drain()
+    assert tailer.metrics.slot_lag_bytes._value.get() == 0
+
+
+def test_masked_database_url_never_shows_the_password() -> None:
+    assert mask_database_url("postgresql://bus:s3cret@db:5432/tagbus") == "postgresql://bus:***@db:5432/tagbus"
+    assert "s3cret" not in mask_database_url("postgresql+psycopg://db/tagbus?user=u&password=s3cret")
+    assert "s3cret" not in mask_database_url("host=db user=bus password=s3cret dbname=tagbus")
+    assert mask_database_url("postgresql://db/tagbus") == "postgresql://db/tagbus"
+
+
+# ------------------------------------------------------------------ real Kinesis API
+
+
+def test_publishes_to_a_real_kinesis_endpoint(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_KINESIS")
+    if not endpoint:
+        pytest.skip("AWS_ENDPOINT_URL_KINESIS is not set (the local stack provides kinesis-mock)")
+    import boto3
+
+    client = boto3.client(
+        "kinesis",
+        endpoint_url=endpoint,
+        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
+        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+    )
+    stream = f"tagbus-tailer-{uuid.uuid4().hex[:8]}"
+    client.create_stream(StreamName=stream, ShardCount=2)
+    try:
+        client.get_waiter("stream_exists").wait(StreamName=stream, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        tailer = LogTailer(
+            TailerSettings(database_url=database_url, slot_name=slot_name, stream_name=stream),
+            client,
+            registry=CollectorRegistry(),
+        )
+        tailers.append(tailer)
+        tailer.try_activate()
+        commit_events(database_url, *[[(f"k{i}", f"k{i % 3}", i // 3 + 1)] for i in range(12)])
+        assert tailer.drain().events == 12
+
+        received: dict[str, list[int]] = defaultdict(list)
+        shards = client.list_shards(StreamName=stream)["Shards"]
+        for shard in shards:
+            iterator = client.get_shard_iterator(
+                StreamName=stream, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+            )["ShardIterator"]
+            for _ in itertools.repeat(None, 5):
+                page = client.get_records(ShardIterator=iterator, Limit=1000)
+                for record in page["Records"]:
+                    event = StoredEvent.from_record_data(record["Data"])
+                    assert record["PartitionKey"] == event.partition_key
+                    received[event.stream].append(event.version)
+                iterator = page["NextShardIterator"]
+        assert dict(received) == {f"k{j}": [1, 2, 3, 4] for j in range(3)}
+    finally:
+        client.delete_stream(StreamName=stream, EnforceConsumerDeletion=True)
