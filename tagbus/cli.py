@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="tagbus: an e
 config_app = typer.Typer(no_args_is_help=True, help="Read config keys from their read models.")
 app.add_typer(config_app, name="config")
 
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 132)
 err = Console(stderr=True)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,15 +174,66 @@ def config_list(
 
 @app.command()
 def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
-    """Apply the Alembic migrations to TAGBUS_DATABASE_URL."""
-    from alembic import command
-    from alembic.config import Config
+    """Apply the Alembic migrations to TAGBUS_DATABASE_URL and create the tailer's slot."""
+    from tagbus import lifecycle
+
+    if lifecycle.migrate(_settings(), revision):
+        err.print("created the tailer's replication slot", highlight=False)
+
+
+@app.command()
+def up(
+    parts: Annotated[list[str] | None, typer.Argument(help="Parts to start (default: all).")] = None,
+) -> None:
+    """Start the local stack in the background (only what is not running) and wait until healthy."""
+    from tagbus import lifecycle, stack
+
+    unknown = set(parts or ()) - set(stack.ALL_PARTS)
+    if unknown:
+        raise CliError(f"unknown part(s) {', '.join(sorted(unknown))}; parts: {', '.join(stack.ALL_PARTS)}")
+    try:
+        statuses = lifecycle.up(parts=parts)
+    except stack.StackError as e:
+        raise CliError(str(e)) from e
+    out.print(stack.format_status(statuses), highlight=False)
+    out.print("environment: . .tagbus/env", highlight=False)
+
+
+@app.command()
+def down(
+    parts: Annotated[list[str] | None, typer.Argument(help="Parts to stop (default: all).")] = None,
+) -> None:
+    """Stop the parts of the local stack that `tagbus up` started, by pid."""
+    from tagbus import stack
+
+    try:
+        statuses = stack.down(parts=parts)
+    except stack.StackError as e:
+        raise CliError(str(e)) from e
+    out.print(stack.format_status(statuses), highlight=False)
+
+
+@app.command()
+def status() -> None:
+    """Show the local stack's parts and the pipeline's progress (slot lag, dead letters)."""
+    from tagbus import stack
+    from tagbus import status as status_mod
+
+    out.print(stack.format_status(stack.status()), highlight=False)
+    status_mod.show(_settings(), out)
+
+
+@app.command()
+def consumer() -> None:
+    """Run the KCL MultiLangDaemon with tagbus's record processor in the foreground."""
+    from consumers.daemon import DaemonSettings, run_daemon
 
     s = _settings()
-    cfg = Config()
-    cfg.set_main_option("script_location", str(REPO / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", s.sqlalchemy_url().replace("%", "%%"))
-    command.upgrade(cfg, revision)
+    state = s.home
+    daemon = DaemonSettings.from_env(dict(s.environ), [sys.executable, "-m", "consumers.processor"])
+    code = run_daemon(daemon, jars_dir=state / "kcl-jars", workdir=state / "kcl-run", env=dict(s.environ))
+    if code:
+        raise CliError(f"the MultiLangDaemon exited with {code}")
 
 
 @app.command()
@@ -199,6 +250,25 @@ def bus(
     s = _settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run(bus_app(s), host=host, port=s.http_port, access_log=False, log_level="warning")
+
+
+@app.command()
+def tailer() -> None:
+    """Run the log tailer (WAL → Kinesis) in the foreground; a second one waits as standby."""
+    import logging
+    import signal
+    import threading
+
+    from event_bus.tailer import LogTailer
+    from tagbus import aws
+
+    s = _settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with LogTailer(s.tailer(), aws.client(s, "kinesis")) as relay:
+        relay.run(stop)
 
 
 @app.command()

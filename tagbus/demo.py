@@ -29,7 +29,7 @@ DEMO_CONFIG: dict[str, dict[str, Any]] = {
     },
 }
 
-STORES = {"tenantconfig": "DynamoDB", "paramconfig": "SSM Parameter Store"}
+STORES = {"tenantconfig": "DynamoDB", "paramconfig": "SSM"}
 
 
 class DemoError(RuntimeError):
@@ -100,7 +100,7 @@ def run(settings: Settings, console: Console, *, timeout: float = 90.0) -> None:
                 seen[(p.tenant, p.key)] = (response.json(), time.monotonic() - p.posted_at)
         time.sleep(0.1)
 
-    table = Table("tenant", "key", "read model", "value", "version", "visible after")
+    table = Table("tenant", "key", "store", "value", "version", "visible after")
     for p in posted:
         item, latency = seen[(p.tenant, p.key)]
         if item["value"] != p.value:

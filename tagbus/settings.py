@@ -15,6 +15,7 @@ from pathlib import Path
 
 from event_bus.settings import AuthSettings, BusSettings, TailerSettings
 
+REPO = Path(__file__).resolve().parents[1]
 LOCAL_DATABASE_URL = "postgresql://tagbus:tagbus@127.0.0.1:55432/tagbus"
 DEFAULT_STREAM = "tagbus-events"
 

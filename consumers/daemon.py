@@ -1,0 +1,243 @@
+"""KCL MultiLangDaemon properties and launcher for the tagbus consumer.
+
+The daemon (Java, KCL 3.x) owns leases in DynamoDB and reads the Kinesis stream; it runs
+our record processor (amazon-kclpy v3 protocol over stdin/stdout) as a child process per
+shard. This module renders its ``.properties`` file from :class:`DaemonSettings` and
+starts ``java -cp '<jars>/*' software.amazon.kinesis.multilang.MultiLangDaemon
+--properties-file <file> --log-configuration <logback.xml>``.
+
+Choices made for the local emulators (kinesis-mock, DynamoDB Local) and why:
+
+* ``retrievalMode = POLLING``: the default fan-out mode needs ``SubscribeToShard`` over
+  HTTP/2 event streams, which kinesis-mock does not serve; polling uses ``GetRecords``.
+* ``kinesisEndpoint = http://127.0.0.1:4568``: the KCL's Kinesis client speaks HTTP/2;
+  kinesis-mock's plain port answers HTTP/2 cleartext (prior knowledge), so no TLS trust
+  settings are needed for its self-signed certificate on 4567. CBOR stays on: kinesis-mock
+  reads and writes ``application/x-amz-cbor-1.1``.
+* ``disableWorkerMetrics = true``: KCL 3.x's worker-utilization balancing reads host CPU
+  from cgroups/EC2 metadata; locally it only logs noise and skews lease assignment.
+* ``metricsLevel = NONE``: the MultiLangDaemon has no CloudWatch endpoint override, so
+  metrics would go to real CloudWatch; NONE publishes nothing.
+* Short ``failoverTimeMillis``/``leaseAssignmentIntervalMillis``/``shardSyncIntervalMillis``
+  so a fresh worker takes its lease within seconds rather than the production ~10-20 s.
+* Table billing modes are left at KCL's default (PAY_PER_REQUEST), which DynamoDB Local
+  accepts for the lease, WorkerMetricStats and CoordinatorState tables and the lease
+  table's GSI; deletion protection and PITR stay off, so KCL never asks for them.
+* Not tunable from here (hard-coded in KCL 3.1.3's Scheduler): with an empty lease table a
+  new application waits a random 1-30 s before its first shard sync, and a new lease
+  table's GSI is polled every 10 s. Only the first start of an application pays this;
+  the tables live on in DynamoDB Local's ``-sharedDb`` file.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+__all__ = [
+    "MAIN_CLASS",
+    "DaemonSettings",
+    "daemon_argv",
+    "render_logback",
+    "render_properties",
+    "run_daemon",
+    "start_daemon",
+    "write_config",
+]
+
+MAIN_CLASS = "software.amazon.kinesis.multilang.MultiLangDaemon"
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """What the MultiLangDaemon needs to know; rendered into its ``.properties`` file.
+
+    ``processor_command`` is the argv of the record processor the daemon spawns per shard,
+    e.g. ``("/repo/.venv/bin/python", "-m", "consumers.processor")``.
+    """
+
+    stream_name: str
+    processor_command: tuple[str, ...]
+    application_name: str = "tagbus-consumer"
+    region: str = "us-east-1"
+    kinesis_endpoint: str | None = None
+    dynamodb_endpoint: str | None = None
+    initial_position: str = "TRIM_HORIZON"
+    metrics_level: str = "NONE"
+    worker_id: str | None = None
+    max_records: int = 1000
+    idle_time_between_reads_ms: int = 250
+    failover_time_ms: int = 3000
+    lease_assignment_interval_ms: int = 1000
+    shard_sync_interval_ms: int = 2000
+    parent_shard_poll_interval_ms: int = 1000
+    task_backoff_time_ms: int = 500
+    shutdown_grace_ms: int = 5000
+    processing_language: str = "python/3"
+    extra: tuple[tuple[str, str], ...] = field(default=())
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], processor_command: Sequence[str], **overrides: object) -> DaemonSettings:
+        """Settings from tagbus's environment variables (``.tagbus/env``); call at an entry point."""
+        base: dict[str, object] = {
+            "stream_name": env.get("TAGBUS_STREAM_NAME", "tagbus-events"),
+            "processor_command": tuple(processor_command),
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            "kinesis_endpoint": env.get("AWS_ENDPOINT_URL_KINESIS") or None,
+            "dynamodb_endpoint": env.get("AWS_ENDPOINT_URL_DYNAMODB") or None,
+        }
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
+
+
+def render_properties(settings: DaemonSettings, *, executable: str | None = None) -> str:
+    """The MultiLangDaemon ``.properties`` text for ``settings``.
+
+    The daemon splits ``executableName`` on spaces; ``executable`` overrides it (e.g. a
+    wrapper script when an argument contains whitespace).
+    """
+    command = executable if executable is not None else _executable_name(settings.processor_command)
+    props: dict[str, str] = {
+        "executableName": command,
+        "streamName": settings.stream_name,
+        "applicationName": settings.application_name,
+        "AwsCredentialsProvider": "DefaultCredentialsProvider",
+        "processingLanguage": settings.processing_language,
+        "regionName": settings.region,
+        "initialPositionInStream": settings.initial_position,
+        "retrievalMode": "POLLING",
+        "maxRecords": str(settings.max_records),
+        "idleTimeBetweenReadsInMillis": str(settings.idle_time_between_reads_ms),
+        "failoverTimeMillis": str(settings.failover_time_ms),
+        "leaseAssignmentIntervalMillis": str(settings.lease_assignment_interval_ms),
+        "shardSyncIntervalMillis": str(settings.shard_sync_interval_ms),
+        "parentShardPollIntervalMillis": str(settings.parent_shard_poll_interval_ms),
+        "taskBackoffTimeMillis": str(settings.task_backoff_time_ms),
+        "shutdownGraceMillis": str(settings.shutdown_grace_ms),
+        "metricsLevel": settings.metrics_level,
+        "disableWorkerMetrics": "true",
+        "cleanupLeasesUponShardCompletion": "true",
+        "validateSequenceNumberBeforeCheckpointing": "true",
+    }
+    if settings.kinesis_endpoint:
+        props["kinesisEndpoint"] = settings.kinesis_endpoint
+    if settings.dynamodb_endpoint:
+        props["dynamoDBEndpoint"] = settings.dynamodb_endpoint
+    if settings.worker_id:
+        props["workerId"] = settings.worker_id
+    props.update(settings.extra)
+    lines = ["# generated by consumers.daemon; edits are overwritten"]
+    lines += [f"{key} = {_escape(value)}" for key, value in props.items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_logback(*, level: str = "INFO") -> str:
+    """A logback config: KCL at ``level``, the AWS SDK and Netty quiet (their default is DEBUG)."""
+    return f"""<configuration>
+  <appender name="STDOUT" class="ch.qos.logback.core.ConsoleAppender">
+    <encoder><pattern>%d{{HH:mm:ss.SSS}} %-5level [%thread] %logger{{36}} - %msg%n</pattern></encoder>
+  </appender>
+  <logger name="software.amazon.kinesis" level="{level}"/>
+  <!-- KCL 3.x logs lease assignment and leader election every second at INFO -->
+  <logger name="software.amazon.kinesis.coordinator.assignment" level="WARN"/>
+  <logger name="software.amazon.kinesis.leases.DynamoDBLockBasedLeaderDecider" level="WARN"/>
+  <logger name="software.amazon.kinesis.leases.dynamodb.DynamoDBLeaseDiscoverer" level="WARN"/>
+  <!-- and every message to/from the processor -->
+  <logger name="software.amazon.kinesis.multilang.MessageWriter" level="WARN"/>
+  <logger name="software.amazon.kinesis.multilang.LineReaderTask" level="WARN"/>
+  <logger name="software.amazon.kinesis.multilang.MultiLangProtocol" level="WARN"/>
+  <logger name="software.amazon.awssdk" level="WARN"/>
+  <logger name="io.netty" level="WARN"/>
+  <root level="WARN"><appender-ref ref="STDOUT"/></root>
+</configuration>
+"""
+
+
+def write_config(settings: DaemonSettings, directory: Path, *, log_level: str = "INFO") -> tuple[Path, Path]:
+    """Write ``<app>.properties`` and ``logback.xml`` into ``directory``; returns both paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    executable: str | None = None
+    if any(not arg or any(ch.isspace() for ch in arg) for arg in settings.processor_command):
+        wrapper = directory / "processor.sh"
+        wrapper.write_text("#!/bin/sh\nexec " + shlex.join(settings.processor_command) + "\n")
+        wrapper.chmod(0o755)
+        executable = str(wrapper)
+    properties = directory / f"{settings.application_name}.properties"
+    properties.write_text(render_properties(settings, executable=executable))
+    logback = directory / "logback.xml"
+    logback.write_text(render_logback(level=log_level))
+    return properties, logback
+
+
+def daemon_argv(
+    properties: Path,
+    *,
+    jars_dir: Path,
+    java: str = "java",
+    logback: Path | None = None,
+    jvm_options: Sequence[str] = ("-Xmx512m",),
+) -> list[str]:
+    """``java -cp '<jars>/*' MultiLangDaemon --properties-file <file> [--log-configuration <xml>]``."""
+    argv = [java, *jvm_options, "-cp", str(jars_dir / "*"), MAIN_CLASS, "--properties-file", str(properties)]
+    if logback is not None:
+        argv += ["--log-configuration", str(logback)]
+    return argv
+
+
+def start_daemon(
+    settings: DaemonSettings,
+    *,
+    jars_dir: Path,
+    workdir: Path,
+    java: str = "java",
+    env: Mapping[str, str] | None = None,
+    log_level: str = "INFO",
+) -> subprocess.Popen[bytes]:
+    """Write the config into ``workdir`` and start the daemon (output inherited)."""
+    properties, logback = write_config(settings, workdir, log_level=log_level)
+    argv = daemon_argv(properties, jars_dir=jars_dir, java=java, logback=logback)
+    return subprocess.Popen(argv, cwd=workdir, env=dict(env) if env is not None else None)
+
+
+def run_daemon(
+    settings: DaemonSettings,
+    *,
+    jars_dir: Path,
+    workdir: Path,
+    java: str = "java",
+    env: Mapping[str, str] | None = None,
+    log_level: str = "INFO",
+) -> int:
+    """Run the daemon in the foreground until it exits; SIGTERM/SIGINT are passed on to it.
+
+    Returns the daemon's exit code. For the ``tagbus consumer`` entry point.
+    """
+    process = start_daemon(settings, jars_dir=jars_dir, workdir=workdir, java=java, env=env, log_level=log_level)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if process.poll() is None:
+            process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _executable_name(command: Sequence[str]) -> str:
+    if not command:
+        raise ValueError("processor_command must not be empty")
+    return " ".join(os.fspath(part) for part in command)
+
+
+def _escape(value: str) -> str:
+    """Java properties escaping for a value (backslashes; leading spaces are trimmed by Java)."""
+    return value.replace("\\", "\\\\")

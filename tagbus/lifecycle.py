@@ -1,0 +1,57 @@
+"""Bringing the local stack up in the right order: infrastructure, schema, read-model tables, apps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import command
+from alembic.config import Config
+
+from event_bus.tailer import SlotReader
+from tagbus import aws, stack
+from tagbus.settings import REPO, Settings, load
+
+
+def migrate(settings: Settings, revision: str = "head") -> bool:
+    """Apply the migrations, then make sure the tailer's slot exists; ``True`` if the slot was new.
+
+    The slot must exist before the bus accepts writes: events committed before its creation
+    would never be decoded.
+    """
+    cfg = Config()
+    cfg.set_main_option("script_location", str(REPO / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", settings.sqlalchemy_url().replace("%", "%%"))
+    command.upgrade(cfg, revision)
+    tailer = settings.tailer()
+    reader = SlotReader(settings.database_url, tailer.slot_name, tailer.publication)
+    try:
+        return reader.ensure_slot()
+    finally:
+        reader.close()
+
+
+def ensure_read_models(settings: Settings) -> None:
+    """Create the DynamoDB tables of the read model and the dead letters if missing."""
+    from consumers.deadletters import DynamoDBDeadLetterSink
+    from projections.stores.dynamodb import DynamoDBConfigStore
+
+    dynamodb = aws.client(settings, "dynamodb")
+    try:
+        DynamoDBConfigStore(dynamodb).ensure_table()
+        DynamoDBDeadLetterSink(dynamodb).ensure_table()
+    finally:
+        dynamodb.close()
+
+
+def up(config: stack.StackConfig | None = None, parts: Sequence[str] | None = None) -> dict[str, stack.PartStatus]:
+    """Start what is not running; schema and tables are brought up to date before the apps start."""
+    cfg = config or stack.StackConfig()
+    wanted = list(parts or stack.ALL_PARTS)
+    stack.up(cfg, [p for p in stack.INFRA_PARTS if p in wanted])
+    apps = [p for p in stack.APP_PARTS if p in wanted]
+    if apps:
+        settings = load(home=cfg.state)
+        migrate(settings)
+        ensure_read_models(settings)
+        stack.up(cfg, apps)
+    return stack.status(cfg)

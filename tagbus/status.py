@@ -1,0 +1,53 @@
+"""``tagbus status``: is progress moving? Slot lag, event counts, dead letters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import psycopg
+from rich.console import Console
+from rich.table import Table
+
+from event_bus.tailer import slot_status
+from tagbus import aws
+from tagbus.settings import Settings
+
+_DEADLETTER_TABLE = "tagbus-deadletters"
+
+
+def show(settings: Settings, console: Console) -> None:
+    table = Table("measure", "value", title="pipeline")
+    try:
+        with psycopg.connect(settings.database_url, connect_timeout=3) as conn:
+            slot = slot_status(conn, settings.tailer().slot_name)
+            count, newest = conn.execute("SELECT count(*), max(recorded_at) FROM events").fetchone() or (0, None)
+    except psycopg.OperationalError:
+        table.add_row("database", "[red]unreachable[/red]")
+    else:
+        table.add_row("events stored", f"{count:,}")
+        if newest is not None:
+            age = (datetime.now(UTC) - newest).total_seconds()
+            table.add_row("newest event", f"{age:,.1f} s ago")
+        if slot is None:
+            table.add_row("tailer slot", "[yellow]missing (run `tagbus migrate`)[/yellow]")
+        else:
+            table.add_row("tailer slot", f"{slot.slot_name} ({'active' if slot.active else 'inactive'})")
+            table.add_row("slot lag", f"{slot.lag_bytes:,} bytes of WAL not yet published")
+            table.add_row("slot WAL status", slot.wal_status or "-")
+    table.add_row("dead letters", _dead_letters(settings))
+    console.print(table)
+
+
+def _dead_letters(settings: Settings) -> str:
+    import botocore.exceptions
+
+    client = aws.client(settings, "dynamodb", connect_timeout=3, read_timeout=5, retries={"max_attempts": 1})
+    try:
+        count = client.scan(TableName=_DEADLETTER_TABLE, Select="COUNT")["Count"]
+    except client.exceptions.ResourceNotFoundException:
+        return "0 (no table yet)"
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        return f"unknown ({type(e).__name__})"
+    finally:
+        client.close()
+    return f"{count:,}"

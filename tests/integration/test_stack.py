@@ -1,0 +1,291 @@
+"""The local stack comes up, each part answers a real request, and the KCL daemon consumes.
+
+Fast when the stack is already up (``make up``): ``up`` only checks pid files then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import psycopg
+import pytest
+
+from consumers import daemon
+from tagbus import install, stack
+
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def config() -> stack.StackConfig:
+    return stack.StackConfig(root=ROOT)
+
+
+@pytest.fixture(scope="module")
+def infra(config: stack.StackConfig) -> dict[str, stack.PartStatus]:
+    return stack.up(config, parts=stack.INFRA_PARTS)
+
+
+@pytest.fixture(scope="module")
+def aws(config: stack.StackConfig) -> Iterator[dict[str, Any]]:
+    """boto3 clients on the local endpoints, closed at the end (no unclosed-socket warnings)."""
+    clients = {name: _client(config, name) for name in ("kinesis", "dynamodb", "ssm", "cloudwatch")}
+    yield clients
+    for client in clients.values():
+        client.close()
+
+
+def _client(config: stack.StackConfig, service: str) -> Any:
+    env = stack.stack_env(config)
+    endpoint = env[f"AWS_ENDPOINT_URL_{service.upper()}"]
+    return boto3.session.Session().client(  # type: ignore[call-overload]
+        service,
+        endpoint_url=endpoint,
+        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+def test_infra_parts_run_with_pid_files(infra: dict[str, stack.PartStatus], config: stack.StackConfig) -> None:
+    for name in stack.INFRA_PARTS:
+        part = infra[name]
+        assert part.running, f"{name} not running; log {part.log}"
+        assert config.pid_file(name).read_text().strip() == str(part.pid)
+
+
+def test_env_file_and_secret(infra: dict[str, stack.PartStatus], config: stack.StackConfig) -> None:
+    env = stack.stack_env(config)
+    text = (config.state / "env").read_text()
+    for key in (
+        "TAGBUS_DATABASE_URL",
+        "AWS_ENDPOINT_URL_KINESIS",
+        "AWS_ENDPOINT_URL_DYNAMODB",
+        "AWS_ENDPOINT_URL_SSM",
+        "AWS_ENDPOINT_URL_CLOUDWATCH",
+        "TAGBUS_JWT_SECRET",
+        "TAGBUS_STREAM_NAME",
+    ):
+        assert f"export {key}=" in text
+        assert env[key]
+    assert env["TAGBUS_DATABASE_URL"] == "postgresql://tagbus:tagbus@127.0.0.1:55432/tagbus"
+    secret = config.state / "jwt-secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert stack.stack_env(config)["TAGBUS_JWT_SECRET"] == env["TAGBUS_JWT_SECRET"]
+
+
+def test_postgres_answers_with_logical_wal(infra: dict[str, stack.PartStatus], config: stack.StackConfig) -> None:
+    with psycopg.connect(config.database_url, connect_timeout=5) as conn:
+        assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
+        assert conn.execute("SHOW max_replication_slots").fetchone() == ("10",)
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == ("tagbus", "tagbus")
+
+
+def test_kinesis_stream_exists_and_boto3_works_on_plain_port(
+    infra: dict[str, stack.PartStatus], config: stack.StackConfig, aws: dict[str, Any]
+) -> None:
+    kinesis = aws["kinesis"]
+    summary = kinesis.describe_stream_summary(StreamName=config.stream_name)
+    assert summary["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE"
+
+
+def test_dynamodb_local_answers(infra: dict[str, stack.PartStatus], aws: dict[str, Any]) -> None:
+    tables = aws["dynamodb"].list_tables()
+    assert "TableNames" in tables
+
+
+def test_moto_serves_ssm_and_cloudwatch(infra: dict[str, stack.PartStatus], aws: dict[str, Any]) -> None:
+    ssm = aws["ssm"]
+    name = f"/tagbus-test/{uuid.uuid4().hex}"
+    ssm.put_parameter(Name=name, Value="v", Type="String")
+    try:
+        assert ssm.get_parameter(Name=name)["Parameter"]["Value"] == "v"
+    finally:
+        ssm.delete_parameter(Name=name)
+    aws["cloudwatch"].list_metrics()
+
+
+def test_status_reports_every_part(infra: dict[str, stack.PartStatus], config: stack.StackConfig) -> None:
+    statuses = stack.status(config)
+    assert list(statuses) == list(stack.ALL_PARTS)
+    assert all(statuses[name].running for name in stack.INFRA_PARTS)
+
+
+# -- the generic mechanism, on a throwaway part (never touches the shared stack) ----------
+
+
+@pytest.fixture
+def toy_part(tmp_path: Path, unused_port: int) -> Iterator[tuple[stack.StackConfig, stack.PartSpec]]:
+    cfg = stack.StackConfig(root=tmp_path)
+    spec = stack.PartSpec(
+        name="toy",
+        argv=(sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(unused_port)),
+        cwd=tmp_path,
+        marker=f"http.server --bind 127.0.0.1 {unused_port}",
+        health=lambda: httpx.get(f"http://127.0.0.1:{unused_port}/", timeout=1).raise_for_status(),
+        timeout=20,
+    )
+    yield cfg, spec
+    stack.stop_part(cfg, spec, timeout=5)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_spawn_wait_stop_and_stale_pid(toy_part: tuple[stack.StackConfig, stack.PartSpec]) -> None:
+    cfg, spec = toy_part
+    pid = stack.spawn_detached(spec, cfg.pid_file("toy"), cfg.log_file("toy"))
+    stack.wait_healthy(spec, pid, cfg.log_file("toy"))
+    assert os.getpgid(pid) == pid  # own session, so down can signal the whole group
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and stack._alive(pid, spec.marker):
+        time.sleep(0.05)
+    assert not stack._alive(pid, spec.marker)
+    # The pid file still names the dead process: a stale file stops nothing.
+    assert cfg.pid_file("toy").is_file()
+    assert stack.stop_part(cfg, spec) is False
+    assert not cfg.pid_file("toy").exists()
+
+    pid = stack.spawn_detached(spec, cfg.pid_file("toy"), cfg.log_file("toy"))
+    stack.wait_healthy(spec, pid, cfg.log_file("toy"))
+    assert stack.stop_part(cfg, spec) is True
+    assert not stack._alive(pid, spec.marker)
+
+
+def test_part_that_dies_names_itself_and_its_log(tmp_path: Path) -> None:
+    cfg = stack.StackConfig(root=tmp_path)
+    spec = stack.PartSpec(
+        name="broken",
+        argv=(sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"),
+        cwd=tmp_path,
+        marker="print('boom')",
+        health=lambda: None,
+        min_alive=5,
+        timeout=10,
+    )
+    pid = stack.spawn_detached(spec, cfg.pid_file("broken"), cfg.log_file("broken"))
+    with pytest.raises(stack.PartStartError) as info:
+        stack.wait_healthy(spec, pid, cfg.log_file("broken"))
+    assert info.value.part == "broken"
+    assert str(cfg.log_file("broken")) in str(info.value)
+
+
+# -- the KCL MultiLangDaemon against kinesis-mock and DynamoDB Local ----------------------
+
+_SAMPLE_PROCESSOR = textwrap.dedent(
+    """
+    import json, sys
+    from amazon_kclpy import kcl
+    from amazon_kclpy.v3 import processor
+
+    OUT = sys.argv[1]
+
+    class Sample(processor.RecordProcessorBase):
+        def initialize(self, initialize_input):
+            pass
+
+        def process_records(self, process_records_input):
+            last = None
+            with open(OUT, "a") as out:
+                for record in process_records_input.records:
+                    out.write(json.dumps({"data": record.binary_data.decode()}) + "\\n")
+                    last = record.sequence_number
+            if last is not None:
+                process_records_input.checkpointer.checkpoint(last)
+                with open(OUT, "a") as out:
+                    out.write(json.dumps({"checkpointed": last}) + "\\n")
+
+        def lease_lost(self, lease_lost_input):
+            pass
+
+        def shard_ended(self, shard_ended_input):
+            shard_ended_input.checkpointer.checkpoint()
+
+        def shutdown_requested(self, shutdown_requested_input):
+            shutdown_requested_input.checkpointer.checkpoint()
+
+    kcl.KCLProcess(Sample()).run()
+    """
+)
+
+
+# Fixed names on purpose: KCL 3.x waits a random 1-30 s (hard-coded in Scheduler) before its
+# first shard sync when the lease table is empty, and polls a new lease table's GSI every 10 s.
+# Reusing the stream and the application's tables keeps every run after the first fast.
+_KCL_TEST_STREAM = "tagbus-stack-test"
+_KCL_TEST_APP = "tagbus-stack-test"
+
+
+def test_multilang_daemon_consumes_and_checkpoints(
+    infra: dict[str, stack.PartStatus], config: stack.StackConfig, aws: dict[str, Any], tmp_path: Path
+) -> None:
+    jars = install.install_kcl_jars(ROOT)
+    kinesis, dynamodb = aws["kinesis"], aws["dynamodb"]
+    with contextlib.suppress(kinesis.exceptions.ResourceInUseException):
+        kinesis.create_stream(StreamName=_KCL_TEST_STREAM, ShardCount=1)
+    kinesis.get_waiter("stream_exists").wait(
+        StreamName=_KCL_TEST_STREAM, WaiterConfig={"Delay": 0.2, "MaxAttempts": 50}
+    )
+    payload = f"hello-{uuid.uuid4().hex}"
+    put = kinesis.put_record(StreamName=_KCL_TEST_STREAM, Data=payload.encode(), PartitionKey="k")
+    sequence, shard = put["SequenceNumber"], put["ShardId"]
+
+    script = tmp_path / "sample_processor.py"
+    script.write_text(_SAMPLE_PROCESSOR)
+    out = tmp_path / "records.jsonl"
+    out.touch()
+    env = {**os.environ, **stack.stack_env(config)}
+    settings = daemon.DaemonSettings.from_env(
+        env,
+        [str(config.venv_python), str(script), str(out)],
+        stream_name=_KCL_TEST_STREAM,
+        application_name=_KCL_TEST_APP,
+    )
+    log = tmp_path / "daemon.log"
+    properties, logback = daemon.write_config(settings, tmp_path)
+    argv = daemon.daemon_argv(properties, jars_dir=jars, logback=logback)
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        lines: list[dict[str, str]] = []
+        while time.monotonic() < deadline and process.poll() is None:
+            lines = [json.loads(line) for line in out.read_text().splitlines() if line]
+            if {"checkpointed": sequence} in lines:
+                break
+            time.sleep(0.2)
+        assert {"data": payload} in lines, f"record not processed; daemon log {log}:\n{log.read_text()[-3000:]}"
+        assert {"checkpointed": sequence} in lines
+        lease = dynamodb.get_item(TableName=_KCL_TEST_APP, Key={"leaseKey": {"S": shard}}, ConsistentRead=True)
+        assert lease["Item"]["checkpoint"]["S"] == sequence
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
