@@ -36,7 +36,7 @@ demo: up
 ## test: every test, unit and end-to-end through the real parts (starts the stack if needed)
 # pytest's exit code is kept in .tagbus/pytest-exit so that .ci/run can tell "no tests" (5) apart.
 test: up
-	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; echo $$rc > .tagbus/pytest-exit; \
+	@set -a; . .tagbus/env; set +a; rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; echo $$rc > .tagbus/pytest-exit; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 lint: setup
