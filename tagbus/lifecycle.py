@@ -45,7 +45,7 @@ def ensure_read_models(settings: Settings) -> None:
 
 def up(config: stack.StackConfig | None = None, parts: Sequence[str] | None = None) -> dict[str, stack.PartStatus]:
     """Start what is not running; schema and tables are brought up to date before the apps start."""
-    cfg = config or stack.StackConfig()
+    cfg = config or stack.StackConfig.from_env()
     wanted = list(parts or stack.ALL_PARTS)
     stack.up(cfg, [p for p in stack.INFRA_PARTS if p in wanted])
     apps = [p for p in stack.APP_PARTS if p in wanted]

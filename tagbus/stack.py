@@ -104,6 +104,29 @@ class StackConfig:
     region: str = "us-east-1"
     python: Path | None = None
 
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> StackConfig:
+        """The default layout, with ports overridable (``TAGBUS_PG_PORT``, ``TAGBUS_KINESIS_PORT``,
+        ``TAGBUS_KINESIS_TLS_PORT``, ``TAGBUS_DYNAMODB_PORT``, ``TAGBUS_MOTO_PORT``, ``TAGBUS_HTTP_PORT``)
+        so that two checkouts can run their stacks side by side."""
+        env = os.environ if environ is None else environ
+        names = {
+            "postgres_port": "TAGBUS_PG_PORT",
+            "kinesis_port": "TAGBUS_KINESIS_PORT",
+            "kinesis_tls_port": "TAGBUS_KINESIS_TLS_PORT",
+            "dynamodb_port": "TAGBUS_DYNAMODB_PORT",
+            "moto_port": "TAGBUS_MOTO_PORT",
+            "http_port": "TAGBUS_HTTP_PORT",
+        }
+        ports: dict[str, int] = {}
+        for field_name, var in names.items():
+            value = env.get(var)
+            if value:
+                if not value.isdigit() or not 0 < int(value) < 65536:
+                    raise StackError(f"{var} must be a port number, not {value!r}")
+                ports[field_name] = int(value)
+        return cls(**ports)  # type: ignore[arg-type]
+
     @property
     def state(self) -> Path:
         return install.state_dir(self.root)
@@ -178,7 +201,7 @@ class PartStatus:
 
 def stack_env(config: StackConfig | None = None) -> dict[str, str]:
     """The environment the app processes run with (also written to ``.tagbus/env``)."""
-    cfg = config or StackConfig()
+    cfg = config or StackConfig.from_env()
     kinesis = f"http://127.0.0.1:{cfg.kinesis_port}"
     dynamodb = f"http://127.0.0.1:{cfg.dynamodb_port}"
     moto = f"http://127.0.0.1:{cfg.moto_port}"
@@ -200,7 +223,7 @@ def stack_env(config: StackConfig | None = None) -> dict[str, str]:
 
 def write_env_file(config: StackConfig | None = None) -> Path:
     """Write ``.tagbus/env``: ``export`` lines to ``source`` in a shell."""
-    cfg = config or StackConfig()
+    cfg = config or StackConfig.from_env()
     cfg.state.mkdir(parents=True, exist_ok=True)
     path = cfg.state / "env"
     lines = [f"export {key}={shlex.quote(value)}" for key, value in stack_env(cfg).items()]
@@ -230,7 +253,7 @@ def _jwt_secret(cfg: StackConfig) -> str:
 
 def part_specs(config: StackConfig | None = None) -> dict[str, PartSpec]:
     """Every part's spec, in start order."""
-    cfg = config or StackConfig()
+    cfg = config or StackConfig.from_env()
     specs = [
         _postgres_spec(cfg),
         _kinesis_spec(cfg),
@@ -387,7 +410,7 @@ def _app_spec(
 
 def up(config: StackConfig | None = None, parts: Sequence[str] | None = None) -> dict[str, PartStatus]:
     """Start every part in ``parts`` (default: all) that is not running; wait until healthy."""
-    cfg = config or StackConfig()
+    cfg = config or StackConfig.from_env()
     wanted = _select(parts)
     specs = part_specs(cfg)
     for directory in (cfg.run_dir, cfg.log_dir):
@@ -420,7 +443,7 @@ def down(
     config: StackConfig | None = None, parts: Sequence[str] | None = None, *, timeout: float = 15.0
 ) -> dict[str, PartStatus]:
     """Stop the parts we started (default: all), apps first, each by its pid file."""
-    cfg = config or StackConfig()
+    cfg = config or StackConfig.from_env()
     specs = part_specs(cfg)
     for name in reversed(_select(parts)):
         stop_part(cfg, specs[name], timeout=timeout)
@@ -429,7 +452,7 @@ def down(
 
 def status(config: StackConfig | None = None) -> dict[str, PartStatus]:
     """Per part: running or not, its pid and its log file."""
-    cfg = config or StackConfig()
+    cfg = config or StackConfig.from_env()
     result: dict[str, PartStatus] = {}
     for name, spec in part_specs(cfg).items():
         pid = _live_pid(cfg, spec)
