@@ -105,7 +105,7 @@ class StackConfig:
     python: Path | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> StackConfig:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, root: Path | None = None) -> StackConfig:
         """The default layout, with ports overridable (``TAGBUS_PG_PORT``, ``TAGBUS_KINESIS_PORT``,
         ``TAGBUS_KINESIS_TLS_PORT``, ``TAGBUS_DYNAMODB_PORT``, ``TAGBUS_MOTO_PORT``, ``TAGBUS_HTTP_PORT``)
         so that two checkouts can run their stacks side by side."""
@@ -125,6 +125,8 @@ class StackConfig:
                 if not value.isdigit() or not 0 < int(value) < 65536:
                     raise StackError(f"{var} must be a port number, not {value!r}")
                 ports[field_name] = int(value)
+        if root is not None:
+            return cls(root=root, **ports)  # type: ignore[arg-type]
         return cls(**ports)  # type: ignore[arg-type]
 
     @property

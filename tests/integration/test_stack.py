@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def config() -> stack.StackConfig:
-    return stack.StackConfig(root=ROOT)
+    return stack.StackConfig.from_env(root=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_env_file_and_secret(infra: dict[str, stack.PartStatus], config: stack.S
     ):
         assert f"export {key}=" in text
         assert env[key]
-    assert env["TAGBUS_DATABASE_URL"] == "postgresql://tagbus:tagbus@127.0.0.1:55432/tagbus"
+    assert env["TAGBUS_DATABASE_URL"] == f"postgresql://tagbus:tagbus@127.0.0.1:{config.postgres_port}/tagbus"
     secret = config.state / "jwt-secret"
     assert secret.stat().st_mode & 0o777 == 0o600
     assert stack.stack_env(config)["TAGBUS_JWT_SECRET"] == env["TAGBUS_JWT_SECRET"]
