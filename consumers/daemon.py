@@ -51,6 +51,8 @@ __all__ = [
     "write_config",
 ]
 
+#: KCL application name: also the name of its DynamoDB lease table.
+APPLICATION_NAME = "tagbus-consumer"
 MAIN_CLASS = "software.amazon.kinesis.multilang.MultiLangDaemon"
 
 
@@ -64,7 +66,7 @@ class DaemonSettings:
 
     stream_name: str
     processor_command: tuple[str, ...]
-    application_name: str = "tagbus-consumer"
+    application_name: str = APPLICATION_NAME
     region: str = "us-east-1"
     kinesis_endpoint: str | None = None
     dynamodb_endpoint: str | None = None

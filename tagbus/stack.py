@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consumers.daemon import APPLICATION_NAME as CONSUMER_APPLICATION
 from tagbus import install
 
 __all__ = [
@@ -268,7 +269,14 @@ def part_specs(config: StackConfig | None = None) -> dict[str, PartSpec]:
         # The consumer forwards SIGTERM to its KCL daemon, which lets each record processor
         # checkpoint and hands its leases back; signalling the whole group would kill the
         # processors before they are asked to shut down.
-        _app_spec(cfg, "consumer", prepare=lambda: _prepare_consumer(cfg), signal_group=False),
+        _app_spec(
+            cfg,
+            "consumer",
+            health=lambda: _consumer_ok(cfg),
+            prepare=lambda: _prepare_consumer(cfg),
+            signal_group=False,
+            timeout=120.0,
+        ),
     ]
     return {spec.name: spec for spec in specs}
 
@@ -391,6 +399,7 @@ def _app_spec(
     prepare: Callable[[], None] | None = None,
     signal_group: bool = True,
     ports: tuple[int, ...] = (),
+    timeout: float = 60.0,
 ) -> PartSpec:
     return PartSpec(
         name=name,
@@ -400,7 +409,7 @@ def _app_spec(
         ports=ports,
         health=health or (lambda: None),
         env_factory=lambda: stack_env(cfg),
-        timeout=60.0,
+        timeout=timeout,
         min_alive=1.0,
         signal_group=signal_group,
         prepare=prepare,
@@ -693,6 +702,20 @@ def _kinesis_ok(cfg: StackConfig) -> None:
     summary = _aws_call(cfg, "kinesis", "describe_stream_summary", StreamName=cfg.stream_name)
     if summary["StreamDescriptionSummary"]["StreamStatus"] != "ACTIVE":
         raise StackError(f"stream {cfg.stream_name} is not ACTIVE yet")
+
+
+def _consumer_ok(cfg: StackConfig) -> None:
+    """Healthy once a KCL worker holds the lease of every open shard.
+
+    A fresh KCL 3.x application waits a random 1-30 s before its first shard sync (hard-coded),
+    so "the process is alive" is not enough: events would sit unprocessed until then.
+    """
+    shards = _aws_call(cfg, "kinesis", "list_shards", StreamName=cfg.stream_name)["Shards"]
+    open_shards = {s["ShardId"] for s in shards if "EndingSequenceNumber" not in s["SequenceNumberRange"]}
+    leases = _aws_call(cfg, "dynamodb", "scan", TableName=CONSUMER_APPLICATION, ConsistentRead=True)["Items"]
+    owned = {item["leaseKey"]["S"] for item in leases if "leaseOwner" in item}
+    if not open_shards <= owned:
+        raise StackError(f"no KCL lease yet for {', '.join(sorted(open_shards - owned))}")
 
 
 def _moto_ok(cfg: StackConfig) -> None:
