@@ -67,6 +67,8 @@ SYSTEM_PACKAGES: dict[str, str] = {
     "mvn": "maven",
     "node": "nodejs",
     "npm": "npm",
+    # the load generator of `make bench`
+    "wrk": "wrk",
 }
 POSTGRES_PACKAGE = "postgresql"
 _POSTGRES_GLOB = "/usr/lib/postgresql/*/bin"

@@ -1,0 +1,94 @@
+"""``python -m bench [--quick] [--only NAME …] [--database-url URL]``: run every benchmark here.
+
+A module with ``run_benchmark(options)`` runs in this process. Modules written before that
+protocol (``tailer_bench``: a ``main()`` reading its own arguments) run as ``python -m
+bench.<name>`` with the arguments listed in :data:`LEGACY_ARGS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import cast
+
+import psycopg
+
+import bench
+from bench import REPO_ROOT, BenchOptions
+
+STACK_URL = "postgresql://tagbus:tagbus@127.0.0.1:55432/tagbus"
+ENV_URL = "TAGBUS_BENCH_DATABASE_URL"
+
+#: module → (quick arguments, full arguments), for modules run as a subprocess.
+LEGACY_ARGS: dict[str, tuple[list[str], list[str]]] = {
+    "tailer_bench": (["--events", "5000"], ["--events", "100000"]),
+}
+
+
+def discover() -> list[str]:
+    """Benchmark module names of this package, in name order (``ingest`` first)."""
+    names = sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+    return sorted(names, key=lambda n: n != "ingest")
+
+
+def server_url(explicit: str | None) -> str | None:
+    """The server to use: explicit, else the local stack's PostgreSQL if it answers, else none."""
+    if explicit:
+        return explicit
+    try:
+        with psycopg.connect(STACK_URL, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError:
+        return None
+    return STACK_URL
+
+
+def run_module(name: str, options: BenchOptions) -> bool:
+    module = importlib.import_module(f"bench.{name}")
+    entry = getattr(module, "run_benchmark", None)
+    if entry is not None:
+        cast(Callable[[BenchOptions], None], entry)(options)
+        return True
+    if not hasattr(module, "main"):
+        print(f"bench.{name}: no run_benchmark() or main(); skipped")
+        return True
+    quick_args, full_args = LEGACY_ARGS.get(name, ([], []))
+    command = [sys.executable, "-m", f"bench.{name}", *(quick_args if options.quick else full_args)]
+    if options.server_url:
+        command += ["--database-url", options.server_url]
+    print(f"$ {' '.join(command)}", flush=True)
+    return subprocess.run(command, cwd=REPO_ROOT, check=False).returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Run the tagbus benchmarks.")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (small counts, < 60 s)")
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only these modules (repeatable)")
+    parser.add_argument(
+        "--database-url", default=os.environ.get(ENV_URL), help=f"admin URL of the server (default: ${ENV_URL})"
+    )
+    args = parser.parse_args(argv)
+    options = BenchOptions(quick=args.quick, server_url=server_url(args.database_url))
+    print(f"server: {options.server_url or 'throwaway cluster'}; {'quick' if options.quick else 'full'} run")
+    failed: list[str] = []
+    for name in discover():
+        if args.only and name not in args.only:
+            continue
+        print(f"\n== bench.{name} ==", flush=True)
+        started = time.monotonic()
+        if not run_module(name, options):
+            failed.append(name)
+        print(f"== bench.{name}: {time.monotonic() - started:.1f}s ==", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
