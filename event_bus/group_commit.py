@@ -1,11 +1,14 @@
 """Group commit: concurrent single-event requests share one transaction and one WAL flush.
 
 Each waiting request is answered only after the transaction holding its event committed
-(``synchronous_commit`` stays on). A group is written in psycopg's pipeline mode, so the
-whole group costs a few round trips instead of several per event.
+(``synchronous_commit`` stays on).
 
-The statements of a group never fail on ordinary conflicts: a repeated id is found by one
-look-up before the group is written, and a stale ``expectedversion`` simply inserts no row.
+A group costs three statements whatever its size: one look-up of already stored ids, one
+upsert of the touched streams' versions, one insert of all rows (``write_new``). Events with
+an ``expectedversion`` are checked one statement each, in psycopg's pipeline mode. None of
+these fail on ordinary conflicts: a repeated id is found by the look-up, and a stale
+``expectedversion`` simply inserts no row.
+
 What can still abort a group — a concurrent repeat of the same id committed by another
 group, or a deadlock — sends each of its requests down the one-transaction-per-request path
 of :meth:`EventStore.append`, which is slower but settles every case.
@@ -30,7 +33,9 @@ from event_bus.store import (
     IdConflict,
     StoreUnavailable,
     VersionConflict,
+    find_existing,
     insert_params,
+    write_new,
 )
 from event_bus.validation import NewEvent
 
@@ -63,11 +68,6 @@ APPEND_IF_VERSION = _WITH_S.format(
         " WHERE tenant_id = %s AND stream_id = %s AND version = %s RETURNING version"
     ),
     _INSERT_FROM_S,
-)
-FIND_EXISTING = (
-    "SELECT e.tenant_id, e.event_id, e.stream_id, e.version, e.recorded_at, e.digest"
-    " FROM unnest(%s::text[], %s::text[]) AS k(tenant_id, event_id)"
-    " JOIN events e ON e.tenant_id = k.tenant_id AND e.event_id = k.event_id"
 )
 
 
@@ -179,27 +179,33 @@ class GroupCommitter:
         written: list[tuple[_Pending, AppendResult]] = []
         async with self._store.connection() as conn:
             async with conn.transaction():
-                existing = await _existing(conn, group)
-                fresh = []
+                existing = await find_existing(conn, [p.event for p in group])
+                plain: list[_Pending] = []
+                guarded: list[_Pending] = []
                 for pending in group:
                     found = existing.get((pending.event.tenant, pending.event.id))
                     if found is None:
-                        fresh.append(pending)
+                        (plain if pending.event.expected_version is None else guarded).append(pending)
                     elif found[5] != pending.event.digest:
                         pending.settle(IdConflict(0, pending.event.id))
                     else:
                         pending.settle(
                             AppendResult(pending.event.id, pending.event.tenant, found[2], found[3], found[4], False)
                         )
-                async with conn.pipeline():
-                    cursors = [await conn.execute(*_statement(p.event)) for p in fresh]
-                    for pending, cur in zip(fresh, cursors, strict=True):
-                        row = await cur.fetchone()
-                        if row is None:
-                            conflicts.append(pending)
-                        else:
-                            e = pending.event
-                            written.append((pending, AppendResult(e.id, e.tenant, e.stream, row[0], row[1], True)))
+                if plain:
+                    results = await write_new(conn, [p.event for p in plain])
+                    written.extend(zip(plain, results, strict=True))
+                # Events with an expected version are checked one by one, in pipeline mode.
+                if guarded:
+                    async with conn.pipeline():
+                        cursors = [await conn.execute(*_statement(p.event)) for p in guarded]
+                        for pending, cur in zip(guarded, cursors, strict=True):
+                            row = await cur.fetchone()
+                            if row is None:
+                                conflicts.append(pending)
+                            else:
+                                e = pending.event
+                                written.append((pending, AppendResult(e.id, e.tenant, e.stream, row[0], row[1], True)))
             # Committed: only now may the requests be answered.
             self._on_commit(len(written))
             for pending, result in written:
@@ -220,13 +226,6 @@ class GroupCommitter:
             pending.settle(e)
         else:
             pending.settle(result)
-
-
-async def _existing(
-    conn: psycopg.AsyncConnection[Any], group: list[_Pending]
-) -> dict[tuple[str, str], tuple[Any, ...]]:
-    cur = await conn.execute(FIND_EXISTING, ([p.event.tenant for p in group], [p.event.id for p in group]))
-    return {(row[0], row[1]): row for row in await cur.fetchall()}
 
 
 def _statement(event: NewEvent) -> tuple[sql.Composed, tuple[Any, ...]]:

@@ -55,6 +55,28 @@ INSERT_EVENT = (
     " data, metadata, digest) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING recorded_at"
 )
 
+# Set-based writing of new events (no expectedversion): one upsert bumps every touched
+# stream by its count of events, one insert writes every row. The streams are upserted in
+# (tenant, stream) order so that concurrent writers lock their rows in the same order.
+BUMP_STREAMS = (
+    "INSERT INTO streams (tenant_id, stream_id, version)"
+    " SELECT t, s, n FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS u(t, s, n) ORDER BY t, s"
+    " ON CONFLICT (tenant_id, stream_id) DO UPDATE"
+    " SET version = streams.version + EXCLUDED.version, updated_at = now()"
+    " RETURNING tenant_id, stream_id, version, now()"
+)
+INSERT_EVENTS = (
+    "INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,"
+    " data, metadata, digest)"
+    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],"
+    " %s::text[], %s::timestamptz[], %s::jsonb[], %s::jsonb[], %s::text[])"
+)
+FIND_EXISTING = (
+    "SELECT e.tenant_id, e.event_id, e.stream_id, e.version, e.recorded_at, e.digest"
+    " FROM unnest(%s::text[], %s::text[]) AS k(tenant_id, event_id)"
+    " JOIN events e ON e.tenant_id = k.tenant_id AND e.event_id = k.event_id"
+)
+
 _RETRIES = 5
 
 
@@ -144,6 +166,17 @@ class EventStore:
 
     async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
         """Append ``events`` in one transaction: all of them are stored, or none."""
+        if _set_writable(events):
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    if not await find_existing(conn, events):
+                        return await write_new(conn, events)
+            except (pg_errors.UniqueViolation, pg_errors.DeadlockDetected):
+                pass  # a concurrent writer got in first: the event-by-event path settles it
+            except PoolTimeout as e:
+                raise StoreUnavailable("no database connection available in time") from e
+            except psycopg.OperationalError as e:
+                raise StoreUnavailable("the database is unreachable") from e
         for attempt in range(_RETRIES):
             try:
                 async with self._pool.connection() as conn, conn.transaction():
@@ -212,6 +245,62 @@ async def _next_version(conn: psycopg.AsyncConnection[Any], index: int, event: N
     cur = await conn.execute(CURRENT_VERSION, key)
     current = await cur.fetchone()
     raise VersionConflict(index, event.stream, event.expected_version or 0, int(current[0]) if current else 0)
+
+
+def _set_writable(events: Sequence[NewEvent]) -> bool:
+    return all(e.expected_version is None for e in events) and len({(e.tenant, e.id) for e in events}) == len(events)
+
+
+async def find_existing(
+    conn: psycopg.AsyncConnection[Any], events: Sequence[NewEvent]
+) -> dict[tuple[str, str], TupleRow]:
+    """Already stored events among ``events``, by (tenant, id): tenant, id, stream, version, recorded_at, digest."""
+    cur = await conn.execute(FIND_EXISTING, ([e.tenant for e in events], [e.id for e in events]))
+    return {(row[0], row[1]): row for row in await cur.fetchall()}
+
+
+async def write_new(conn: psycopg.AsyncConnection[Any], events: Sequence[NewEvent]) -> list[AppendResult]:
+    """Insert events that are not stored yet and carry no ``expectedversion``, in two statements.
+
+    Versions follow the order of ``events`` within each stream. The caller owns the
+    transaction; a concurrent writer of one of the ids makes the insert fail with UniqueViolation.
+    """
+    counts: dict[tuple[str, str], int] = {}
+    for e in events:
+        counts[(e.tenant, e.stream)] = counts.get((e.tenant, e.stream), 0) + 1
+    keys = list(counts)
+    cur = await conn.execute(BUMP_STREAMS, ([k[0] for k in keys], [k[1] for k in keys], [counts[k] for k in keys]))
+    next_version: dict[tuple[str, str], int] = {}
+    recorded_at = None
+    for tenant, stream, last, now in await cur.fetchall():
+        next_version[(tenant, stream)] = last - counts[(tenant, stream)] + 1
+        recorded_at = now
+    assert recorded_at is not None
+    versions = []
+    for e in events:
+        key = (e.tenant, e.stream)
+        versions.append(next_version[key])
+        next_version[key] += 1
+    await conn.execute(
+        INSERT_EVENTS,
+        (
+            [e.id for e in events],
+            [e.tenant for e in events],
+            [e.stream for e in events],
+            versions,
+            [e.type for e in events],
+            [e.source for e in events],
+            [e.subject for e in events],
+            [e.time for e in events],
+            [None if e.data is None else Jsonb(e.data) for e in events],
+            [Jsonb(e.metadata) for e in events],
+            [e.digest for e in events],
+        ),
+    )
+    return [
+        AppendResult(e.id, e.tenant, e.stream, v, recorded_at, created=True)
+        for e, v in zip(events, versions, strict=True)
+    ]
 
 
 def insert_params(event: NewEvent) -> tuple[Any, ...]:
