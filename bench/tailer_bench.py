@@ -19,15 +19,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
+import socket
+import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import psycopg
 from prometheus_client import CollectorRegistry
 
 from event_bus.settings import TailerSettings
 from event_bus.tailer import ChangeDecoder, LogTailer, NullSink
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PEEK_ALL = """
     SELECT {select} FROM pg_logical_slot_peek_binary_changes(
@@ -101,6 +109,149 @@ def run(database_url: str, events: int, txn_size: int, read_batch: int) -> None:
         elapsed = time.perf_counter() - started
         print(f"drain       {rate(result.events, elapsed)}  (NullSink, with slot advances)")
         assert result.events == events == sink.count, (result, events, sink.count)
+
+
+# --------------------------------------------------------------------------- a private kinesis-mock
+
+
+KINESIS_MOCK_DIR = REPO_ROOT / ".tagbus" / "kinesis-mock" / "node_modules" / "kinesis-local"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def kinesis_client(endpoint: str, **config: Any) -> Any:
+    """A boto3 Kinesis client for a local endpoint (dummy credentials)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "kinesis",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+        config=Config(**config) if config else None,
+    )
+
+
+class KinesisMock:
+    """A kinesis-mock (npm ``kinesis-local``) process of our own, on free ports, with one stream.
+
+    The shared stack's instance is never touched. With ``persist_dir`` the mock saves its
+    state there (also on SIGTERM) and reloads it on :meth:`start`, so it can be stopped and
+    brought back holding the records it had acknowledged.
+    """
+
+    def __init__(self, stream: str, *, shards: int = 1, persist_dir: Path | None = None) -> None:
+        if not (KINESIS_MOCK_DIR / "main.js").is_file():
+            raise RuntimeError(f"kinesis-mock is not installed at {KINESIS_MOCK_DIR} (run `make setup`)")
+        self.stream = stream
+        self.shards = shards
+        self.port = free_port()
+        self._tls_port = free_port()
+        self._persist_dir = persist_dir
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="kinesis-mock-", suffix=".log", delete=False)  # noqa: SIM115
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **config: Any) -> Any:
+        return kinesis_client(self.endpoint, **config)
+
+    def start(self, timeout: float = 60.0) -> KinesisMock:
+        env = {
+            **os.environ,
+            "KINESIS_MOCK_PLAIN_PORT": str(self.port),
+            "KINESIS_MOCK_TLS_PORT": str(self._tls_port),
+            "AWS_REGION": "us-east-1",
+            "INITIALIZE_STREAMS": f"{self.stream}:{self.shards}:us-east-1",
+            "SHARD_LIMIT": "50",
+            "LOG_LEVEL": "WARN",
+        }
+        if self._persist_dir is not None:
+            self._persist_dir.mkdir(parents=True, exist_ok=True)
+            env |= {
+                "SHOULD_PERSIST_DATA": "true",
+                "LOAD_DATA_IF_EXISTS": "true",
+                "PERSIST_PATH": str(self._persist_dir),
+                "PERSIST_INTERVAL": "1s",
+            }
+        self._process = subprocess.Popen(
+            ["node", "main.js"], cwd=KINESIS_MOCK_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        client = self.client(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1})
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"kinesis-mock exited with {self._process.returncode}; log: {self._log.name}")
+            try:
+                summary = client.describe_stream_summary(StreamName=self.stream)["StreamDescriptionSummary"]
+                if summary["StreamStatus"] == "ACTIVE":
+                    return self
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the process (SIGTERM lets it persist its state first) and wait for it to exit."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): connections hang, as with an unresponsive endpoint."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        self.resume()
+        self.stop()
+        self._log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._log.name)
+
+    def __enter__(self) -> KinesisMock:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_all(self, *, idle_pages: int = 2) -> dict[str, list[tuple[str, bytes]]]:
+        """Every record of every shard from TRIM_HORIZON: shard id → [(partition key, data)], in shard order."""
+        client = self.client()
+        out: dict[str, list[tuple[str, bytes]]] = {}
+        for shard in client.list_shards(StreamName=self.stream)["Shards"]:
+            shard_id = shard["ShardId"]
+            iterator = client.get_shard_iterator(
+                StreamName=self.stream, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"
+            )["ShardIterator"]
+            records: list[tuple[str, bytes]] = []
+            empty = 0
+            while iterator and empty < idle_pages:
+                page = client.get_records(ShardIterator=iterator, Limit=10_000)
+                records.extend((r["PartitionKey"], r["Data"]) for r in page["Records"])
+                empty = 0 if page["Records"] else empty + 1
+                iterator = page.get("NextShardIterator")
+            out[shard_id] = records
+        return out
 
 
 def main() -> None:

@@ -8,10 +8,14 @@ and retries them.
 Table ``tagbus-deadletters``: partition key ``tenant`` (S), sort key ``event_id`` (S); a
 record whose data could not be decoded is filed under tenant ``-`` and id
 ``record:<shard>:<sequence>:<sub>``.
+
+``tagbus dlq retry`` applies a letter's event again once its cause is fixed and deletes the
+letter only after the event went through (:meth:`DynamoDBDeadLetterSink.delete`).
 """
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +70,10 @@ class MemoryDeadLetterSink:
     def put(self, letter: DeadLetter) -> None:
         with self._lock:
             self.letters.append(letter)
+
+    def delete(self, tenant: str, event_id: str) -> None:
+        with self._lock:
+            self.letters = [x for x in self.letters if (x.tenant, x.event_id) != (tenant, event_id)]
 
 
 class DynamoDBDeadLetterSink:
@@ -141,18 +149,64 @@ class DynamoDBDeadLetterSink:
 
     def list(self, tenant: str, *, limit: int = 100) -> Sequence[DeadLetter]:
         """A tenant's dead letters, by event id (first ``limit``)."""
+        request: dict[str, Any] = {
+            "TableName": self.table_name,
+            "KeyConditionExpression": "#tenant = :tenant",
+            "ExpressionAttributeNames": {"#tenant": "tenant"},
+            "ExpressionAttributeValues": {":tenant": {"S": tenant}},
+            "ConsistentRead": True,
+        }
+        return self._paged("Query", request, limit)
+
+    def scan(self, *, limit: int = 100, event_id: str | None = None) -> Sequence[DeadLetter]:
+        """Dead letters of every tenant (first ``limit``, in no particular order), optionally of one event id."""
+        request: dict[str, Any] = {"TableName": self.table_name, "ConsistentRead": True}
+        if event_id is not None:
+            request["FilterExpression"] = "#event_id = :event_id"
+            request["ExpressionAttributeNames"] = {"#event_id": "event_id"}
+            request["ExpressionAttributeValues"] = {":event_id": {"S": event_id}}
+        return self._paged("Scan", request, limit)
+
+    def get(self, tenant: str, event_id: str) -> DeadLetter | None:
+        """One dead letter, or ``None``."""
         try:
-            response = self._client.query(
+            response = self._client.get_item(
                 TableName=self.table_name,
-                KeyConditionExpression="#tenant = :tenant",
-                ExpressionAttributeNames={"#tenant": "tenant"},
-                ExpressionAttributeValues={":tenant": {"S": tenant}},
-                Limit=limit,
+                Key={"tenant": {"S": tenant}, "event_id": {"S": event_id}},
                 ConsistentRead=True,
             )
         except (BotoCoreError, ClientError) as e:
-            raise translate(e, store=_STORE, operation="Query") from e
-        return [_letter(item) for item in response.get("Items", [])]
+            raise translate(e, store=_STORE, operation="GetItem") from e
+        item = response.get("Item")
+        return _letter(item) if item else None
+
+    def delete(self, tenant: str, event_id: str) -> None:
+        """Remove a dead letter (after its event was applied); removing a missing one is a no-op."""
+        try:
+            self._client.delete_item(
+                TableName=self.table_name, Key={"tenant": {"S": tenant}, "event_id": {"S": event_id}}
+            )
+        except (BotoCoreError, ClientError) as e:
+            raise translate(e, store=_STORE, operation="DeleteItem") from e
+
+    def _paged(self, operation: str, request: dict[str, Any], limit: int) -> builtins.list[DeadLetter]:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        call = self._client.query if operation == "Query" else self._client.scan
+        found: builtins.list[DeadLetter] = []
+        # A filtered scan may return short pages: keep going until enough or the end.
+        while len(found) < limit:
+            request["Limit"] = limit - len(found)
+            try:
+                response = call(**request)
+            except (BotoCoreError, ClientError) as e:
+                raise translate(e, store=_STORE, operation=operation) from e
+            found.extend(_letter(item) for item in response.get("Items", []))
+            last = response.get("LastEvaluatedKey")
+            if not last:
+                break
+            request["ExclusiveStartKey"] = last
+        return found[:limit]
 
 
 def _letter(item: dict[str, Any]) -> DeadLetter:

@@ -35,6 +35,8 @@ Errors::
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import logging
 import random
 import threading
@@ -50,7 +52,7 @@ import botocore.exceptions
 import orjson
 import psycopg
 import psycopg.errors
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from event_bus.envelope import StoredEvent
@@ -73,6 +75,10 @@ LOG = logging.getLogger(__name__)
 ADVISORY_LOCK_KEY: Final = 0x746167627573
 #: Prefix of the transactional logical message the tailer emits when idle.
 HEARTBEAT_PREFIX: Final = "tagbus.heartbeat"
+
+#: Where the tailer process serves its Prometheus registry (``/metrics``); loopback by default.
+DEFAULT_METRICS_PORT: Final = 9464
+DEFAULT_METRICS_HOST: Final = "127.0.0.1"
 
 #: Kinesis limits: a record's Data plus its partition key, and one PutRecords request.
 MAX_RECORD_BYTES: Final = 1_048_576
@@ -271,6 +277,25 @@ class _Entry:
     data: bytes
     partition_key: str
     size: int
+    #: Set on aggregated records: routes the record to the shard its user records hash to.
+    explicit_hash_key: str | None = None
+    #: What a partial-failure retry keeps in order: the partition key, or the shard id of an aggregate.
+    order_key: str = ""
+
+    @property
+    def sequence_key(self) -> str:
+        return self.order_key or self.partition_key
+
+
+@dataclass(frozen=True, slots=True)
+class _ShardRange:
+    start: int
+    end: int
+    shard_id: str
+
+
+#: Room left in an aggregated record for its partition key (≤ 256 characters, ≤ 4 bytes each).
+_AGGREGATE_KEY_ROOM: Final = 1_024
 
 
 class KinesisPublisher:
@@ -281,6 +306,18 @@ class KinesisPublisher:
     in order: retrying only the failed ones would put a stream's later version on the
     shard before an earlier one. Entries of other keys that succeeded are not resent.
     Throttling and unreachable endpoints are retried forever with full-jitter backoff.
+
+    ``aggregate=True`` packs the events of each shard into KPL aggregated records
+    (``aws-kinesis-agg``), many events per Kinesis record, which lifts the 1,000
+    records/s per shard limit for small events. The KCL de-aggregates them natively
+    (KCL 2+/3 ``ProcessTask`` → ``AggregatorUtil.deaggregate``) and the MultiLangDaemon
+    hands the Python processor one record per event with its own partition key. The KCL
+    drops a user record whose hash key lies outside the shard that holds the aggregate
+    (a leftover of resharding), so every user record carries an explicit hash key: the
+    starting hash key of the shard its partition key hashes to (from ``ListShards``),
+    the same key that routes the aggregate. A stale shard map (after a reshard) can
+    therefore misroute a stream to a sibling shard for a moment, never lose it; the map is
+    refreshed as soon as a response shows a record on an unexpected shard.
     """
 
     def __init__(
@@ -296,8 +333,11 @@ class KinesisPublisher:
         backoff_cap_seconds: float = 5.0,
         wait: Callable[[float], bool] | None = None,
         jitter: Callable[[], float] = random.random,
+        aggregate: bool = False,
     ) -> None:
         self._client = client
+        self._aggregate = aggregate
+        self._shards: list[_ShardRange] | None = None
         self._stream_name = stream_name
         self._metrics = metrics or TailerMetrics.for_registry()
         self._max_batch_records = max_batch_records
@@ -313,6 +353,8 @@ class KinesisPublisher:
         # Size every record before sending any, so an oversize event stops the tailer
         # before later events of its stream could overtake it.
         entries = [self._entry(event) for event in batch]
+        if self._aggregate:
+            entries = self._aggregated(entries)
         for request in self._requests(entries):
             self._put_until_acknowledged(request)
 
@@ -323,6 +365,93 @@ class KinesisPublisher:
         if size > self._max_record_bytes:
             raise OversizeRecordError(event.id, size, self._max_record_bytes)
         return _Entry(event_id=event.id, data=data, partition_key=key, size=size)
+
+    def _aggregated(self, entries: list[_Entry]) -> list[_Entry]:
+        """The entries packed into one or more aggregated records per shard, each shard's in order."""
+        from aws_kinesis_agg.aggregator import AggRecord  # type: ignore[import-untyped]
+
+        shards = self._shard_map()
+        starts = [shard.start for shard in shards]
+        open_records: dict[int, Any] = {}
+        out: list[_Entry] = []
+
+        def flush(index: int) -> None:
+            record = open_records.pop(index, None)
+            if record is not None and record.get_num_user_records():
+                key, hash_key, data = record.get_contents()
+                out.append(
+                    _Entry(
+                        event_id=first_ids[index],
+                        data=data,
+                        partition_key=key,
+                        size=len(data) + len(key.encode()),
+                        explicit_hash_key=hash_key,
+                        order_key=shards[index].shard_id,
+                    )
+                )
+
+        first_ids: dict[int, str] = {}
+        max_size = self._max_record_bytes - _AGGREGATE_KEY_ROOM
+        for entry in entries:
+            hashed = int.from_bytes(hashlib.md5(entry.partition_key.encode()).digest(), "big")
+            index = max(0, bisect.bisect_right(starts, hashed) - 1)
+            shard = shards[index]
+            hash_key = str(shard.start)
+            record = open_records.get(index)
+            if record is None:
+                record = open_records[index] = AggRecord(max_size=max_size)
+                first_ids[index] = entry.event_id
+            try:
+                added = record.add_user_record(entry.partition_key, entry.data, hash_key)
+            except ValueError:
+                # Too big to share a record: flush what came before it, send it alone.
+                flush(index)
+                out.append(
+                    _Entry(
+                        event_id=entry.event_id,
+                        data=entry.data,
+                        partition_key=entry.partition_key,
+                        size=entry.size,
+                        explicit_hash_key=hash_key,
+                        order_key=shard.shard_id,
+                    )
+                )
+                continue
+            if not added:
+                flush(index)
+                record = open_records[index] = AggRecord(max_size=max_size)
+                first_ids[index] = entry.event_id
+                record.add_user_record(entry.partition_key, entry.data, hash_key)
+        for index in sorted(open_records):
+            flush(index)
+        return out
+
+    def _shard_map(self) -> list[_ShardRange]:
+        """The stream's open shards by starting hash key (``ListShards``), cached until a misroute."""
+        if self._shards is not None:
+            return self._shards
+        list_shards = getattr(self._client, "list_shards", None)
+        if list_shards is None:
+            raise TypeError("aggregate=True needs a Kinesis client with list_shards")
+        shards: list[_ShardRange] = []
+        kwargs: dict[str, Any] = {"StreamName": self._stream_name}
+        while True:
+            page = self._call(list_shards, **kwargs)
+            for shard in page.get("Shards", []):
+                if "EndingSequenceNumber" in shard.get("SequenceNumberRange", {}):
+                    continue  # closed by a reshard: takes no new records
+                hash_range = shard["HashKeyRange"]
+                shards.append(
+                    _ShardRange(int(hash_range["StartingHashKey"]), int(hash_range["EndingHashKey"]), shard["ShardId"])
+                )
+            token = page.get("NextToken")
+            if not token:
+                break
+            kwargs = {"NextToken": token}
+        if not shards:
+            raise KinesisRejectedError("NoOpenShards", f"stream {self._stream_name} has no open shard")
+        self._shards = sorted(shards, key=lambda shard: shard.start)
+        return self._shards
 
     def _requests(self, entries: list[_Entry]) -> Iterator[list[_Entry]]:
         request: list[_Entry] = []
@@ -370,9 +499,17 @@ class KinesisPublisher:
 
     def _put(self, entries: list[_Entry]) -> Mapping[str, Any]:
         """One PutRecords call; botocore errors become ours here and nowhere else."""
-        records = [{"Data": e.data, "PartitionKey": e.partition_key} for e in entries]
+        records: list[dict[str, Any]] = []
+        for e in entries:
+            record: dict[str, Any] = {"Data": e.data, "PartitionKey": e.partition_key}
+            if e.explicit_hash_key is not None:
+                record["ExplicitHashKey"] = e.explicit_hash_key
+            records.append(record)
+        return self._call(self._client.put_records, Records=records, StreamName=self._stream_name)
+
+    def _call(self, method: Callable[..., Mapping[str, Any]], **kwargs: Any) -> Mapping[str, Any]:
         try:
-            return self._client.put_records(Records=records, StreamName=self._stream_name)
+            return method(**kwargs)
         except botocore.exceptions.ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", "Unknown"))
@@ -402,8 +539,15 @@ class KinesisPublisher:
                 if reason is None:
                     raise KinesisRejectedError(str(code), str(result.get("ErrorMessage", "")), event_id=entry.event_id)
                 reasons.add(reason)
-                failed_keys.add(entry.partition_key)
-            if entry.partition_key in failed_keys:
+                failed_keys.add(entry.sequence_key)
+            elif entry.explicit_hash_key is not None and result.get("ShardId") not in (None, entry.order_key):
+                LOG.warning(
+                    "aggregated record landed on %s, not %s: refreshing the shard map",
+                    result.get("ShardId"),
+                    entry.order_key,
+                )
+                self._shards = None
+            if entry.sequence_key in failed_keys:
                 retry.append(entry)
         if not retry:
             return [], None
@@ -831,6 +975,7 @@ class LogTailer:
         status_interval_seconds: float = 5.0,
         reconnect_backoff_cap_seconds: float = 10.0,
         publish_backoff_cap_seconds: float = 5.0,
+        aggregate: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -845,6 +990,7 @@ class LogTailer:
                 metrics=self.metrics,
                 backoff_cap_seconds=publish_backoff_cap_seconds,
                 wait=self._wait_or_stop,
+                aggregate=aggregate,
             )
         self.sink = sink
         url = libpq_url(settings.database_url)
@@ -1027,3 +1173,59 @@ class LogTailer:
         status = self._reader.status()
         if status is not None:
             self.metrics.slot_lag_bytes.set(status.lag_bytes)
+
+
+# --------------------------------------------------------------------------- process entry
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsServer:
+    """The tailer's ``/metrics`` HTTP endpoint, served from a daemon thread."""
+
+    host: str
+    port: int
+    _server: Any
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics_server(
+    port: int = DEFAULT_METRICS_PORT, *, host: str = DEFAULT_METRICS_HOST, registry: CollectorRegistry | None = None
+) -> MetricsServer:
+    """Serve ``registry`` (the default one when ``None``) at ``http://host:port/metrics``; port 0 picks one."""
+    server, thread = start_http_server(port, addr=host, registry=REGISTRY if registry is None else registry)
+    return MetricsServer(host=host, port=int(server.server_port), _server=server, _thread=thread)
+
+
+def run_tailer(
+    settings: TailerSettings,
+    kinesis: KinesisClient | None,
+    *,
+    stop: threading.Event,
+    metrics_port: int | None = DEFAULT_METRICS_PORT,
+    metrics_host: str = DEFAULT_METRICS_HOST,
+    registry: CollectorRegistry | None = None,
+    **tailer_options: Any,
+) -> None:
+    """The tailer process: serve ``/metrics`` (unless ``metrics_port`` is ``None``) and relay until ``stop``.
+
+    ``tailer_options`` go to :class:`LogTailer` (``sink=``, ``aggregate=``, backoff knobs …).
+    """
+    metrics_server = None
+    if metrics_port is not None:
+        metrics_server = start_metrics_server(metrics_port, host=metrics_host, registry=registry)
+        LOG.info("tailer metrics at %s", metrics_server.url)
+    try:
+        with LogTailer(settings, kinesis, registry=registry, **tailer_options) as relay:
+            relay.run(stop)
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()

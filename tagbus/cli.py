@@ -15,6 +15,7 @@ import httpx
 import orjson
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tagbus import settings as settings_mod
@@ -253,13 +254,18 @@ def bus(
 
 
 @app.command()
-def tailer() -> None:
+def tailer(
+    metrics_port: Annotated[
+        int, typer.Option(envvar="TAGBUS_TAILER_METRICS_PORT", help="Port of /metrics on 127.0.0.1 (0 = off).")
+    ] = 9464,
+    aggregate: Annotated[bool, typer.Option(help="KPL-aggregate records (KCL consumers de-aggregate).")] = False,
+) -> None:
     """Run the log tailer (WAL → Kinesis) in the foreground; a second one waits as standby."""
     import logging
     import signal
     import threading
 
-    from event_bus.tailer import LogTailer
+    from event_bus.tailer import run_tailer
     from tagbus import aws
 
     s = _settings()
@@ -267,8 +273,55 @@ def tailer() -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with LogTailer(s.tailer(), aws.client(s, "kinesis")) as relay:
-        relay.run(stop)
+    # The publisher retries forever with its own backoff: botocore's retries and long read
+    # timeouts would only hide a hung endpoint from it.
+    kinesis = aws.client(
+        s, "kinesis", connect_timeout=5, read_timeout=15, retries={"mode": "standard", "max_attempts": 1}
+    )
+    run_tailer(s.tailer(), kinesis, stop=stop, metrics_port=metrics_port or None, aggregate=aggregate)
+
+
+@app.command()
+def republish(
+    tenant: Annotated[str, typer.Option(help="Tenant whose events to send again.")],
+    since: Annotated[
+        str,
+        typer.Option(help="ISO 8601 time; per stream, from the first version recorded at or after it (naive = UTC)."),
+    ],
+    stream: Annotated[str | None, typer.Option(help="Only this stream (default: all the tenant's streams).")] = None,
+) -> None:
+    """Re-publish a range of the events table to Kinesis, each stream in version order."""
+    from datetime import UTC, datetime
+
+    from event_bus.republish import republish as run_republish
+    from event_bus.tailer import KinesisPublisher, TailerError
+    from tagbus import aws
+
+    try:
+        moment = datetime.fromisoformat(since)
+    except ValueError as e:
+        raise CliError(f"--since {since!r} is not an ISO 8601 time") from e
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    s = _settings()
+    publisher = KinesisPublisher(aws.client(s, "kinesis"), s.stream_name)
+    with Progress(TextColumn("republishing"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
+        task = bar.add_task("events", total=None)
+        try:
+            summary = run_republish(
+                s.database_url,
+                publisher,
+                tenant=tenant,
+                since=moment,
+                stream=stream,
+                progress=lambda n: bar.update(task, completed=n),
+            )
+        except TailerError as e:
+            raise CliError(str(e)) from e
+    out.print(
+        f"republished {summary.events:,} events of {summary.streams:,} streams in {summary.seconds:.1f}s",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -280,6 +333,150 @@ def demo(timeout: Annotated[float, typer.Option(help="Seconds to wait for the re
         demo_mod.run(_settings(), out, timeout=timeout)
     except demo_mod.DemoError as e:
         raise CliError(str(e)) from e
+
+
+dlq_app = typer.Typer(no_args_is_help=True, help="Inspect and retry dead-lettered events.")
+app.add_typer(dlq_app, name="dlq")
+
+
+@app.command()
+def replay(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant (applied in place, conditionally).")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only keys of this tag, e.g. tenantconfig.")] = None,
+    since: Annotated[str | None, typer.Option(help="Only events recorded since this ISO 8601 time (in place).")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Never rebuild into a fresh table.")] = False,
+    keep_old: Annotated[bool, typer.Option("--keep-old", help="Keep the old DynamoDB table after the switch.")] = False,
+    grace: Annotated[float, typer.Option(help="Seconds after the switch before the old table is dropped.")] = 30.0,
+) -> None:
+    """Rebuild the read models from the events table (zero downtime for DynamoDB)."""
+    from datetime import datetime
+
+    from projections.errors import ProjectionError
+    from projections.replay import ReplayProgress
+    from tagbus import ops
+
+    started: datetime | None = None
+    if since is not None:
+        try:
+            started = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError as e:
+            raise CliError(f"--since {since!r} is not an ISO 8601 time") from e
+        if started.tzinfo is None:
+            raise CliError("--since needs a time zone (e.g. 2024-05-01T00:00:00Z)")
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"),
+    )
+    with Progress(*columns, console=err, transient=False) as bar:
+        reading = bar.add_task("read", total=None, detail="")
+        writing = bar.add_task("write", total=None, detail="", visible=False)
+
+        def progress(p: ReplayProgress) -> None:
+            if p.phase == "read":
+                bar.update(
+                    reading,
+                    total=max(1, p.max_id - p.min_id + 1),
+                    completed=p.last_id - p.min_id + 1,
+                    detail=f"{p.events_read:,} events, {p.keys:,} keys",
+                )
+            elif p.phase == "write":
+                bar.update(reading, completed=bar.tasks[reading].total or 0)
+                bar.update(writing, visible=True, total=p.keys_total, completed=p.keys_written, detail="")
+            else:
+                bar.update(writing, detail=p.phase)
+
+        try:
+            summary = ops.replay(
+                _settings(),
+                tenant=tenant,
+                tag=tag,
+                since=started,
+                progress=progress,
+                rebuild=False if in_place else None,
+                drop_after=None if keep_old else grace,
+            )
+        except (ProjectionError, ValueError) as e:
+            raise CliError(f"replay failed: {e}") from e
+    table = Table("events read", "keys", "written", "stale", "tombstones", "failed", "caught up", "seconds", "events/s")
+    table.add_row(
+        f"{summary.events_read:,}",
+        f"{summary.keys:,}",
+        f"{summary.keys_written:,}",
+        f"{summary.stale:,}",
+        f"{summary.tombstones:,}",
+        f"{summary.failed:,}",
+        f"{summary.catch_up_events:,}",
+        f"{summary.seconds:.1f}",
+        f"{summary.events_per_second:,.0f}",
+    )
+    out.print(table)
+    for switch in summary.switches:
+        dropped = "dropped" if switch.old_dropped else "kept"
+        out.print(
+            f"{switch.alias}: switched {switch.old_table} -> {switch.new_table} "
+            f"(generation {switch.generation}); old table {dropped}",
+            highlight=False,
+        )
+    for failure in summary.failures[:10]:
+        out.print(f"[yellow]not projectable[/]: {failure.tenant}/{failure.event_id}: {failure.error}")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's dead letters.")] = None,
+    event_id: Annotated[str | None, typer.Option("--id", help="Only this event id.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+) -> None:
+    """List dead-lettered events with their error and attempt count."""
+    from projections.errors import StoreError
+    from tagbus import ops
+
+    try:
+        letters = ops.dlq_list(_settings(), tenant, event_id=event_id, limit=limit)
+    except StoreError as e:
+        raise CliError(f"cannot read dead letters: {e}") from e
+    table = Table("tenant", "event id", "stream", "version", "attempts", "failed at", "error")
+    for x in letters:
+        table.add_row(
+            x.tenant,
+            x.event_id,
+            x.stream or "",
+            str(x.version or ""),
+            str(x.attempts),
+            x.failed_at.isoformat(timespec="seconds"),
+            f"{x.error_type}: {x.error}"[:120],
+        )
+    out.print(table)
+    out.print(f"{len(letters)} dead letter(s)")
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    event_id: Annotated[str | None, typer.Option("--id", help="Retry this event id.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Retry this tenant's dead letters (or narrow --id).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Retry every dead letter.")] = False,
+) -> None:
+    """Apply dead-lettered events again (after fixing their cause); letters that go through are removed."""
+    from projections.errors import StoreError
+    from tagbus import ops
+
+    try:
+        results = ops.dlq_retry(_settings(), event_id=event_id, tenant=tenant, everything=all_)
+    except ValueError as e:
+        raise CliError(f"{e} (--id, --tenant or --all)") from e
+    except StoreError as e:
+        raise CliError(f"cannot retry dead letters: {e}") from e
+    table = Table("tenant", "event id", "outcome", "letter", "error")
+    for r in results:
+        table.add_row(r.tenant, r.event_id, r.outcome, "removed" if r.deleted else "kept", (r.error or "")[:120])
+    out.print(table)
+    failed = sum(1 for r in results if not r.deleted)
+    if failed:
+        raise CliError(f"{failed} of {len(results)} dead letter(s) still failing")
+    out.print(f"{len(results)} dead letter(s) applied and removed")
 
 
 def main() -> None:

@@ -22,13 +22,30 @@ A delete leaves a tombstone with the delete's version, so a late older ``set`` f
 condition. Tombstones expire through TTL after ``tombstone_ttl`` (default 7 days); that must
 exceed how late a change can arrive (Kinesis retention), otherwise an expired tombstone lets a
 very late ``set`` resurrect the key. Replays apply in version order and are unaffected.
+
+Table aliases (zero-downtime rebuilds)
+--------------------------------------
+``table_name`` is a *logical* name. The physical table it points to is looked up in the
+small ``tagbus-aliases`` table (partition key ``alias`` = the logical name, attribute
+``table``); with no alias item, or no alias table at all, the logical name is the table.
+A replay rebuilds into a fresh ``<logical>-<generation>`` table and then switches the alias
+with one conditional ``PutItem`` (:meth:`TableAlias.switch`), which every reader and writer
+picks up within ``alias_ttl`` seconds (the resolution is cached that long, timed from before
+the lookup was sent, so a cached answer is never older than ``alias_ttl``). The writer that
+rebuilt the table waits out that TTL before it re-applies the events committed meanwhile
+(see :mod:`projections.replay`). A table that vanished under a stale resolution (the old
+generation after its grace period) makes the store look the alias up again and retry once.
 """
 
 from __future__ import annotations
 
+import random
+import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
@@ -40,19 +57,157 @@ from projections.stores.botocore_errors import error_code, translate
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
-    from mypy_boto3_dynamodb.type_defs import AttributeValueTypeDef
+    from mypy_boto3_dynamodb.type_defs import AttributeValueTypeDef, WriteRequestTypeDef
 
 DEFAULT_TABLE = "tagbus-tenantconfig"
+DEFAULT_ALIAS_TABLE = "tagbus-aliases"
+#: Seconds a resolved alias is trusted; a switch reaches every process within this time.
+ALIAS_TTL = 2.0
 TTL_ATTRIBUTE = "expires_at"
+#: BatchWriteItem takes at most 25 put or delete requests.
+BATCH_WRITE_MAX = 25
 _STORE = "dynamodb"
+
+T = TypeVar("T")
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class AliasTarget:
+    """Where a logical table name points: the physical table and its generation (0: itself)."""
+
+    alias: str
+    table: str
+    generation: int
+
+
+class AliasConflict(StoreError):
+    """The alias no longer points where the switch expected (another replay switched it)."""
+
+
+class TableAlias:
+    """The physical table behind a logical name, read from (and switched in) the alias table.
+
+    Item layout of ``tagbus-aliases``: ``alias`` (S, partition key), ``table`` (S),
+    ``generation`` (N), ``previous`` (S), ``switched_at`` (S).
+    """
+
+    def __init__(
+        self,
+        client: DynamoDBClient,
+        alias: str,
+        *,
+        table_name: str = DEFAULT_ALIAS_TABLE,
+        ttl: float = ALIAS_TTL,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self.alias = alias
+        self.table_name = table_name
+        self.ttl = ttl
+        self._monotonic = monotonic
+        # (target, expires at): replaced as a whole, so readers in other threads see either.
+        self._cached: tuple[AliasTarget, float] | None = None
+        self._lock = threading.Lock()
+
+    def ensure_table(self, *, wait: bool = True) -> None:
+        """Create the alias table (on-demand) if it does not exist yet."""
+        _ensure(self._client, self.table_name, [("alias", "HASH")], wait=wait)
+
+    def resolve(self) -> str:
+        """The physical table name, cached for ``ttl`` seconds."""
+        cached = self._cached
+        if cached is not None and self._monotonic() < cached[1]:
+            return cached[0].table
+        with self._lock:
+            cached = self._cached
+            if cached is not None and self._monotonic() < cached[1]:
+                return cached[0].table
+            # Timed from before the request: a cached answer is never older than ttl.
+            started = self._monotonic()
+            target = self.read()
+            self._cached = (target, started + self.ttl)
+            return target.table
+
+    def invalidate(self) -> None:
+        self._cached = None
+
+    def read(self) -> AliasTarget:
+        """The alias's current target, read strongly consistently (no cache)."""
+        try:
+            response = self._client.get_item(
+                TableName=self.table_name, Key={"alias": {"S": self.alias}}, ConsistentRead=True
+            )
+        except ClientError as e:
+            if error_code(e) == "ResourceNotFoundException":
+                return AliasTarget(self.alias, self.alias, 0)  # no alias table: nothing was ever switched
+            raise translate(e, store=_STORE, operation="GetItem(alias)") from e
+        except BotoCoreError as e:
+            raise translate(e, store=_STORE, operation="GetItem(alias)") from e
+        item = response.get("Item")
+        if item is None:
+            return AliasTarget(self.alias, self.alias, 0)
+        return AliasTarget(self.alias, item["table"]["S"], int(item["generation"]["N"]))
+
+    def switch(self, expected: AliasTarget, table: str, generation: int) -> AliasTarget:
+        """Point the alias at ``table`` atomically, if it still points at ``expected``.
+
+        Raises :class:`AliasConflict` when someone else switched it in between.
+        """
+        if expected.generation == 0:
+            condition = "attribute_not_exists(#alias) OR (#table = :expected AND #generation = :zero)"
+            values: dict[str, AttributeValueTypeDef] = {":expected": {"S": expected.table}, ":zero": {"N": "0"}}
+        else:
+            condition = "#table = :expected AND #generation = :generation"
+            values = {":expected": {"S": expected.table}, ":generation": {"N": str(expected.generation)}}
+        try:
+            self._client.put_item(
+                TableName=self.table_name,
+                Item={
+                    "alias": {"S": self.alias},
+                    "table": {"S": table},
+                    "generation": {"N": str(generation)},
+                    "previous": {"S": expected.table},
+                    "switched_at": {"S": datetime.now(UTC).isoformat()},
+                },
+                ConditionExpression=condition,
+                ExpressionAttributeNames={"#alias": "alias", "#table": "table", "#generation": "generation"},
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as e:
+            if error_code(e) == "ConditionalCheckFailedException":
+                raise AliasConflict(
+                    f"alias {self.alias!r} no longer points at {expected.table!r}", store=_STORE, operation="PutItem"
+                ) from e
+            raise translate(e, store=_STORE, operation="PutItem(alias)") from e
+        except BotoCoreError as e:
+            raise translate(e, store=_STORE, operation="PutItem(alias)") from e
+        self.invalidate()
+        return AliasTarget(self.alias, table, generation)
+
+
+class _FixedTable:
+    """A "resolution" that always names the same table (no alias lookups)."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+
+    def resolve(self) -> str:
+        return self.table
+
+    def invalidate(self) -> None:
+        pass
+
+
 class DynamoDBConfigStore:
-    """Config keys in a DynamoDB table, written with version-conditional puts."""
+    """Config keys in a DynamoDB table, written with version-conditional puts.
+
+    ``table_name`` is the logical name, resolved through the alias table ``alias_table``
+    (``None``: the logical name is the table, no lookups).
+    """
 
     def __init__(
         self,
@@ -61,52 +216,62 @@ class DynamoDBConfigStore:
         table_name: str = DEFAULT_TABLE,
         tombstone_ttl: timedelta | None = timedelta(days=7),
         clock: Callable[[], datetime] = _utcnow,
+        alias_table: str | None = DEFAULT_ALIAS_TABLE,
+        alias_ttl: float = ALIAS_TTL,
     ) -> None:
         self._client = client
         self.table_name = table_name
         self._tombstone_ttl = tombstone_ttl
         self._clock = clock
+        self.alias: TableAlias | None = (
+            TableAlias(client, table_name, table_name=alias_table, ttl=alias_ttl) if alias_table else None
+        )
+        self._resolver: TableAlias | _FixedTable = self.alias or _FixedTable(table_name)
+
+    @property
+    def client(self) -> DynamoDBClient:
+        return self._client
+
+    def current_table(self) -> str:
+        """The physical table the logical name points to now (cached for the alias TTL)."""
+        return self._resolver.resolve()
+
+    def _on_table(self, call: Callable[[str], T]) -> T:
+        """Run ``call(table)`` on the current table; after a vanished table, re-resolve and retry once."""
+        table = self._resolver.resolve()
+        try:
+            return call(table)
+        except ClientError as e:
+            if error_code(e) != "ResourceNotFoundException" or self.alias is None:
+                raise
+            self._resolver.invalidate()
+            fresh = self._resolver.resolve()
+            if fresh == table:
+                raise
+        return call(fresh)
 
     # -- setup -------------------------------------------------------------------------
 
-    def ensure_table(self, *, wait: bool = True) -> None:
-        """Create the table (on-demand, TTL on ``expires_at``) if it does not exist yet."""
+    def ensure_table(self, *, wait: bool = True, table: str | None = None) -> None:
+        """Create the current table (or ``table``), on-demand with TTL on ``expires_at``, if missing."""
+        name = table or self.current_table()
+        _ensure(self._client, name, [("pk", "HASH"), ("sk", "RANGE")], wait=wait)
         try:
-            try:
-                self._client.describe_table(TableName=self.table_name)
-            except ClientError as e:
-                if error_code(e) != "ResourceNotFoundException":
-                    raise
-                try:
-                    self._client.create_table(
-                        TableName=self.table_name,
-                        AttributeDefinitions=[
-                            {"AttributeName": "pk", "AttributeType": "S"},
-                            {"AttributeName": "sk", "AttributeType": "S"},
-                        ],
-                        KeySchema=[
-                            {"AttributeName": "pk", "KeyType": "HASH"},
-                            {"AttributeName": "sk", "KeyType": "RANGE"},
-                        ],
-                        BillingMode="PAY_PER_REQUEST",
-                    )
-                except ClientError as create_error:
-                    # Another consumer process created it first.
-                    if error_code(create_error) != "ResourceInUseException":
-                        raise
-            if wait:
-                self._client.get_waiter("table_exists").wait(
-                    TableName=self.table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
-                )
-            ttl = self._client.describe_time_to_live(TableName=self.table_name)
+            ttl = self._client.describe_time_to_live(TableName=name)
             status = ttl.get("TimeToLiveDescription", {}).get("TimeToLiveStatus")
             if status not in ("ENABLED", "ENABLING"):
                 self._client.update_time_to_live(
-                    TableName=self.table_name,
+                    TableName=name,
                     TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE},
                 )
         except (BotoCoreError, ClientError) as e:
             raise translate(e, store=_STORE, operation="ensure_table") from e
+
+    def bound_to(self, table: str) -> DynamoDBConfigStore:
+        """The same store writing to one physical table, with no alias lookups (for a rebuild)."""
+        return DynamoDBConfigStore(
+            self._client, table_name=table, tombstone_ttl=self._tombstone_ttl, clock=self._clock, alias_table=None
+        )
 
     # -- writes ------------------------------------------------------------------------
 
@@ -123,12 +288,14 @@ class DynamoDBConfigStore:
             )
             return ChangeResult(change, Outcome.FAILED, error)
         try:
-            self._client.put_item(
-                TableName=self.table_name,
-                Item=item,
-                ConditionExpression="attribute_not_exists(#pk) OR #version < :version",
-                ExpressionAttributeNames={"#pk": "pk", "#version": "version"},
-                ExpressionAttributeValues={":version": {"N": str(change.version)}},
+            self._on_table(
+                lambda table: self._client.put_item(
+                    TableName=table,
+                    Item=item,
+                    ConditionExpression="attribute_not_exists(#pk) OR #version < :version",
+                    ExpressionAttributeNames={"#pk": "pk", "#version": "version"},
+                    ExpressionAttributeValues={":version": {"N": str(change.version)}},
+                ),
             )
         except ClientError as e:
             if error_code(e) == "ConditionalCheckFailedException":
@@ -136,7 +303,62 @@ class DynamoDBConfigStore:
             return ChangeResult(change, Outcome.FAILED, translate(e, store=_STORE, operation="PutItem"))
         except BotoCoreError as e:
             return ChangeResult(change, Outcome.FAILED, translate(e, store=_STORE, operation="PutItem"))
+        except StoreError as e:  # the alias lookup failed
+            return ChangeResult(change, Outcome.FAILED, e)
         return ChangeResult(change, Outcome.APPLIED)
+
+    def bulk_put(
+        self,
+        changes: Sequence[ConfigChange],
+        *,
+        table: str,
+        max_attempts: int = 10,
+        base_delay: float = 0.05,
+        max_delay: float = 2.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> int:
+        """Put final states into ``table`` with unconditional ``BatchWriteItem`` (25 a request).
+
+        Only safe into a table nobody else writes yet (a replay's fresh generation): there is
+        no version condition. Changes must have distinct keys. ``UnprocessedItems`` are sent
+        again with exponential backoff; returns how many items were written. Raises
+        :class:`ChangeRejected` for a value that cannot be stored and :class:`StoreError` when
+        the table keeps refusing.
+        """
+        requests: list[WriteRequestTypeDef] = []
+        for change in changes:
+            try:
+                requests.append({"PutRequest": {"Item": self._item(change)}})
+            except (TypeError, ValueError) as e:
+                raise ChangeRejected(
+                    f"value of {change.key} is not serializable: {e}", store=_STORE, operation="BatchWriteItem"
+                ) from e
+        for start in range(0, len(requests), BATCH_WRITE_MAX):
+            pending = requests[start : start + BATCH_WRITE_MAX]
+            attempt = 0
+            while pending:
+                attempt += 1
+                try:
+                    response = self._client.batch_write_item(RequestItems={table: pending})
+                except (BotoCoreError, ClientError) as e:
+                    error = translate(e, store=_STORE, operation="BatchWriteItem")
+                    if not error.retryable or attempt >= max_attempts:
+                        raise error from e
+                else:
+                    pending = cast(
+                        "list[WriteRequestTypeDef]", list(response.get("UnprocessedItems", {}).get(table, []))
+                    )
+                    if not pending:
+                        break
+                    if attempt >= max_attempts:
+                        raise StoreError(
+                            f"{len(pending)} item(s) still unprocessed after {attempt} BatchWriteItem attempts",
+                            store=_STORE,
+                            operation="BatchWriteItem",
+                        )
+                delay = min(max_delay, base_delay * 2 ** (attempt - 1))
+                sleep(random.uniform(delay / 2, delay))
+        return len(requests)
 
     def _item(self, change: ConfigChange) -> dict[str, AttributeValueTypeDef]:
         item: dict[str, AttributeValueTypeDef] = {
@@ -159,10 +381,12 @@ class DynamoDBConfigStore:
 
     def get(self, tenant: str, key: ConfigKey) -> ConfigItem | None:
         try:
-            response = self._client.get_item(
-                TableName=self.table_name,
-                Key={"pk": {"S": _pk(tenant)}, "sk": {"S": str(key)}},
-                ConsistentRead=True,
+            response = self._on_table(
+                lambda table: self._client.get_item(
+                    TableName=table,
+                    Key={"pk": {"S": _pk(tenant)}, "sk": {"S": str(key)}},
+                    ConsistentRead=True,
+                ),
             )
         except (BotoCoreError, ClientError) as e:
             raise translate(e, store=_STORE, operation="GetItem") from e
@@ -182,7 +406,7 @@ class DynamoDBConfigStore:
             values[":prefix"] = {"S": prefix}
             names["#sk"] = "sk"
         request: dict[str, Any] = {
-            "TableName": self.table_name,
+            "TableName": self.current_table(),
             "KeyConditionExpression": condition,
             # Tombstones stay in the table until TTL removes them; reads never show them.
             "FilterExpression": "#deleted = :false",
@@ -210,6 +434,34 @@ class DynamoDBConfigStore:
             page = found[:limit]
             return ConfigPage(tuple(page), str(page[-1].key))
         return ConfigPage(tuple(found), None)
+
+
+def _ensure(
+    client: DynamoDBClient, name: str, keys: Sequence[tuple[str, Literal["HASH", "RANGE"]]], *, wait: bool
+) -> None:
+    """Create an on-demand table with string keys ``keys`` (name, HASH|RANGE) unless it exists."""
+    try:
+        try:
+            client.describe_table(TableName=name)
+            return
+        except ClientError as e:
+            if error_code(e) != "ResourceNotFoundException":
+                raise
+        try:
+            client.create_table(
+                TableName=name,
+                AttributeDefinitions=[{"AttributeName": k, "AttributeType": "S"} for k, _ in keys],
+                KeySchema=[{"AttributeName": k, "KeyType": kind} for k, kind in keys],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        except ClientError as e:
+            # Another process created it first.
+            if error_code(e) != "ResourceInUseException":
+                raise
+        if wait:
+            client.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    except (BotoCoreError, ClientError) as e:
+        raise translate(e, store=_STORE, operation="ensure_table") from e
 
 
 def _pk(tenant: str) -> str:

@@ -1,0 +1,232 @@
+"""Republish from the events table to Kinesis, against a real PostgreSQL (and kinesis-mock when set).
+
+Checks the range (per stream, from the first version recorded at or after ``since``),
+per-stream version order through partial ``PutRecords`` failures, and that the record
+Data equal the tailer's except the commit position.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry
+
+from event_bus.envelope import StoredEvent
+from event_bus.republish import republish
+from event_bus.settings import TailerSettings
+from event_bus.tailer import KinesisPublisher, LogTailer, TailerMetrics
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def insert(
+    conn: psycopg.Connection[Any],
+    event_id: str,
+    stream: str,
+    version: int,
+    recorded_at: datetime,
+    *,
+    tenant: str = "acme",
+) -> None:
+    conn.execute(
+        """
+        INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,
+                            recorded_at, data, metadata, digest)
+        VALUES (%s, %s, %s, %s, 'thing.happened', '/tests', %s, %s, %s, %s::jsonb, %s::jsonb, 'digest')
+        """,
+        (
+            event_id,
+            tenant,
+            stream,
+            version,
+            stream,
+            recorded_at,
+            recorded_at,
+            orjson.dumps({"n": version}).decode(),
+            orjson.dumps({"correlationid": f"c-{event_id}", "datacontenttype": "application/json"}).decode(),
+        ),
+    )
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.batches: list[list[StoredEvent]] = []
+
+    @property
+    def events(self) -> list[StoredEvent]:
+        return [event for batch in self.batches for event in batch]
+
+    def publish(self, batch: Sequence[StoredEvent]) -> None:
+        self.batches.append(list(batch))
+
+
+class FlakyKinesis:
+    """put_records double: random per-entry throttling; records each key's accepted versions in shard order."""
+
+    def __init__(self, seed: int, failure_rate: float) -> None:
+        self._rng = random.Random(seed)
+        self._rate = failure_rate
+        self.calls: list[int] = []
+        self.accepted: dict[str, list[int]] = defaultdict(list)
+
+    def put_records(self, *, Records: list[dict[str, Any]], StreamName: str) -> Mapping[str, Any]:
+        self.calls.append(len(Records))
+        results: list[dict[str, Any]] = []
+        failed = 0
+        for record in Records:
+            if self._rng.random() < self._rate:
+                failed += 1
+                results.append({"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "injected"})
+            else:
+                event = StoredEvent.from_record_data(record["Data"])
+                self.accepted[record["PartitionKey"]].append(event.version)
+                results.append({"SequenceNumber": "1", "ShardId": "shardId-000000000000"})
+        return {"FailedRecordCount": failed, "Records": results}
+
+
+def in_version_order(accepted: list[int]) -> bool:
+    """Versions 1..n appear, in order, as a subsequence of what the shard accepted.
+
+    A failed entry is resent with every later entry of its key, so a later version that got
+    through on the first try is followed by the whole run again, in order.
+    """
+    wanted = 1
+    for version in accepted:
+        if version == wanted:
+            wanted += 1
+    return wanted - 1 == max(accepted)
+
+
+def test_range_starts_per_stream_at_the_first_version_since(database_url: str) -> None:
+    since = T0 + timedelta(hours=1)
+    with psycopg.connect(database_url) as conn:
+        # s1: v1 before since, v2 and v3 after → v2, v3.
+        insert(conn, "s1-1", "s1", 1, T0)
+        insert(conn, "s1-2", "s1", 2, since)
+        insert(conn, "s1-3", "s1", 3, since + timedelta(minutes=5))
+        # s2: v2's transaction started before since, but v1 is after it (recorded_at is the
+        # transaction start, not monotonic in version) → v1 and v2, never v2 alone.
+        insert(conn, "s2-1", "s2", 1, since + timedelta(minutes=1))
+        insert(conn, "s2-2", "s2", 2, since - timedelta(minutes=1))
+        # s3: all before since → nothing.
+        insert(conn, "s3-1", "s3", 1, T0)
+        # Another tenant's events are never republished.
+        insert(conn, "o-1", "s1", 1, since + timedelta(hours=1), tenant="other")
+    sink = RecordingSink()
+    seen: list[int] = []
+    summary = republish(database_url, sink, tenant="acme", since=since, progress=seen.append, chunk_size=2)
+    assert [(e.stream, e.version) for e in sink.events] == [("s1", 2), ("s1", 3), ("s2", 1), ("s2", 2)]
+    assert [len(b) for b in sink.batches] == [2, 2]
+    assert seen == [2, 4]
+    assert (summary.events, summary.streams, summary.tenant, summary.stream) == (4, 2, "acme", None)
+
+    only = RecordingSink()
+    assert republish(database_url, only, tenant="acme", since=T0, stream="s2").events == 2
+    assert [(e.stream, e.version) for e in only.events] == [("s2", 1), ("s2", 2)]
+
+    assert republish(database_url, RecordingSink(), tenant="nobody", since=T0).events == 0
+
+
+def test_naive_since_is_refused(database_url: str) -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        republish(database_url, RecordingSink(), tenant="acme", since=datetime(2025, 1, 1))
+
+
+def test_partial_failures_keep_each_stream_in_version_order(database_url: str) -> None:
+    rng = random.Random(11)
+    streams = [f"s{i}" for i in range(9)]
+    versions: dict[str, int] = defaultdict(int)
+    with psycopg.connect(database_url) as conn:
+        for n in range(1_400):
+            stream = rng.choice(streams)
+            versions[stream] += 1
+            insert(conn, f"e{n}", stream, versions[stream], T0 + timedelta(seconds=rng.randint(0, 100)))
+    client = FlakyKinesis(seed=3, failure_rate=0.2)
+    publisher = KinesisPublisher(client, "s", metrics=TailerMetrics(CollectorRegistry()), wait=lambda _: False)
+    summary = republish(database_url, publisher, tenant="acme", since=T0)
+    assert summary.events == 1_400
+    assert max(client.calls) <= 500
+    for stream, count in versions.items():
+        accepted = client.accepted[f"acme/{stream}"]
+        assert set(accepted) == set(range(1, count + 1))
+        assert in_version_order(accepted)
+
+
+def test_records_match_the_tailers_except_the_position(database_url: str, slot_name: str) -> None:
+    tailer_sink = RecordingSink()
+    tailer = LogTailer(
+        TailerSettings(database_url=database_url, slot_name=slot_name),
+        None,
+        sink=tailer_sink,
+        registry=CollectorRegistry(),
+    )
+    try:
+        assert tailer.try_activate()
+        with psycopg.connect(database_url) as conn:
+            for n in range(6):
+                insert(conn, f"e{n}", f"s{n % 2}", n // 2 + 1, T0 + timedelta(seconds=n))
+        assert tailer.drain().events == 6
+    finally:
+        tailer.close()
+    sink = RecordingSink()
+    republish(database_url, sink, tenant="acme", since=T0)
+
+    def without_position(event: StoredEvent) -> bytes:
+        body = event.to_cloudevent()
+        body.pop("position", None)
+        return orjson.dumps(body)
+
+    by_id = {e.id: without_position(e) for e in tailer_sink.events}
+    assert all(e.position for e in tailer_sink.events)
+    assert {e.id: e.to_record_data() for e in sink.events} == by_id
+    assert sink.events[0].to_cloudevent()["datacontenttype"] == "application/json"
+
+
+def test_republishes_to_a_real_kinesis_endpoint(database_url: str) -> None:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_KINESIS")
+    if not endpoint:
+        pytest.skip("AWS_ENDPOINT_URL_KINESIS is not set (the local stack provides kinesis-mock)")
+    import boto3
+
+    client = boto3.client(
+        "kinesis",
+        endpoint_url=endpoint,
+        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
+        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+    )
+    stream_name = f"tagbus-republish-{uuid.uuid4().hex[:8]}"
+    client.create_stream(StreamName=stream_name, ShardCount=2)
+    try:
+        client.get_waiter("stream_exists").wait(StreamName=stream_name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        with psycopg.connect(database_url) as conn:
+            for n in range(12):
+                insert(conn, f"k{n}", f"k{n % 3}", n // 3 + 1, T0)
+        publisher = KinesisPublisher(client, stream_name, metrics=TailerMetrics(CollectorRegistry()))
+        assert republish(database_url, publisher, tenant="acme", since=T0).events == 12
+
+        received: dict[str, list[int]] = defaultdict(list)
+        for shard in client.list_shards(StreamName=stream_name)["Shards"]:
+            iterator = client.get_shard_iterator(
+                StreamName=stream_name, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+            )["ShardIterator"]
+            for _ in itertools.repeat(None, 5):
+                page = client.get_records(ShardIterator=iterator, Limit=1000)
+                for record in page["Records"]:
+                    event = StoredEvent.from_record_data(record["Data"])
+                    assert record["PartitionKey"] == event.partition_key
+                    received[event.stream].append(event.version)
+                iterator = page["NextShardIterator"]
+        assert dict(received) == {f"k{j}": [1, 2, 3, 4] for j in range(3)}
+    finally:
+        client.delete_stream(StreamName=stream_name, EnforceConsumerDeletion=True)
