@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import anyio.to_thread
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from event_bus.auth import Principal, TokenVerifier
 from event_bus.group_commit import GroupCommitter
+from event_bus.logs import AccessLog, request_id
 from event_bus.problems import (
     PROBLEM_CONTENT_TYPE,
     FieldError,
     Problem,
-    bad_json,
     conflict,
     invalid,
     not_found,
@@ -33,7 +35,7 @@ from event_bus.problems import (
 from event_bus.quotas import QuotaGate
 from event_bus.settings import BusSettings
 from event_bus.store import AppendResult, EventStore, IdConflict, StoreUnavailable, VersionConflict
-from event_bus.validation import NewEvent, parse_config_key, parse_event
+from event_bus.validation import NewEvent, decode_json, parse_config_key, parse_event
 
 log = logging.getLogger("tagbus.bus")
 
@@ -117,6 +119,7 @@ def create_app(
     verifier = verifier or TokenVerifier(settings.auth)
     quotas = QuotaGate(settings.tiers)
     registered_tags = frozenset(tags)
+    access_log = AccessLog.named()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -128,11 +131,23 @@ def create_app(
             await committer.stop()
             await store.close()
 
-    app = FastAPI(title="tagbus event bus", version="0.1.0", lifespan=lifespan)
+    # No slash redirects: an API answers the path it was asked, and a 307 is no problem+json.
+    app = FastAPI(title="tagbus event bus", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
 
     @app.exception_handler(Problem)
     async def on_problem(_: Request, problem: Problem) -> Response:
         return _problem_response(problem)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, error: StarletteHTTPException) -> Response:
+        # Unrouted paths and methods answer in the contract's error format too.
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(error.status_code, "http-error")
+        try:
+            title = HTTPStatus(error.status_code).phrase
+        except ValueError:
+            title = "HTTP error"
+        headers = dict(error.headers or {})
+        return _problem_response(Problem(error.status_code, slug, title, str(error.detail), headers=headers))
 
     def observed(
         route: str,
@@ -140,18 +155,35 @@ def create_app(
         def wrap(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
             async def run(request: Request) -> Response:
                 started = time.perf_counter()
-                request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+                rid = request_id(request.headers.get("x-request-id"))
                 try:
                     response = await handler(request)
                 except Problem as problem:
                     response = _problem_response(problem)
                 except StoreUnavailable as e:
-                    log.warning("database unavailable: %s (request %s)", e, request_id)
+                    log.warning("database unavailable: %s (request %s)", e, rid)
                     response = _problem_response(unavailable("the event store is unavailable; retry later"))
-                response.headers["X-Request-Id"] = request_id
-                tier = getattr(request.state, "tier", "none")
+                except Exception:
+                    # Still one problem+json, one metric and one access line, also for a bug.
+                    log.exception("unhandled error (request %s)", rid)
+                    response = _problem_response(Problem(500, "internal", "Internal error", f"request {rid}"))
+                response.headers["X-Request-Id"] = rid
+                state = request.state
+                tier = getattr(state, "tier", "none")
+                elapsed = time.perf_counter() - started
                 metrics.requests.labels(route, str(response.status_code), tier).inc()
-                metrics.latency.labels(route).observe(time.perf_counter() - started)
+                metrics.latency.labels(route).observe(elapsed)
+                if access_log.enabled():
+                    access_log.request(
+                        request_id=rid,
+                        method=request.method,
+                        route=route,
+                        status=response.status_code,
+                        latency_seconds=elapsed,
+                        tenant=getattr(state, "tenant", None),
+                        tier=getattr(state, "tier", None),
+                        correlation_id=getattr(state, "correlation_id", None),
+                    )
                 return response
 
             run.__name__ = handler.__name__
@@ -160,9 +192,14 @@ def create_app(
 
         return wrap
 
-    def authorize(request: Request, scope: str) -> Principal:
-        principal = verifier.verify(request.headers.get("authorization"))
+    async def authorize(request: Request, scope: str) -> Principal:
+        authorization = request.headers.get("authorization")
+        if verifier.may_block():
+            principal = await anyio.to_thread.run_sync(verifier.verify, authorization)
+        else:
+            principal = verifier.verify(authorization)
         request.state.tier = principal.tier
+        request.state.tenant = principal.tenant
         principal.require(scope)
         return principal
 
@@ -178,10 +215,7 @@ def create_app(
             body += chunk
             if len(body) > limit:
                 raise too_large(f"the body exceeds the limit of {limit} bytes")
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError as e:
-            raise bad_json(str(e)) from e
+        return decode_json(bytes(body))
 
     async def append(principal: Principal, events: list[NewEvent]) -> list[AppendResult]:
         quotas.admit(principal, len(events))
@@ -209,22 +243,28 @@ def create_app(
     @app.post("/v1/events", status_code=201, summary="Append one CloudEvent")
     @observed("post_event")
     async def post_event(request: Request) -> Response:
-        principal = authorize(request, "events:write")
+        principal = await authorize(request, "events:write")
         body = await read_json(request, _SINGLE_TYPES, settings.max_event_bytes)
+        if isinstance(body, dict) and isinstance(body.get("correlationid"), str):
+            request.state.correlation_id = body["correlationid"]
         event = parse_event(body, principal, tags=registered_tags, max_event_bytes=settings.max_event_bytes)
         [result] = await append(principal, [event])
         status = 201 if result.created else 200
-        return _json(result.to_json(), status, {"Location": f"/v1/events/{result.id}"})
+        # Ids may hold any character: the header is ASCII, and '/' must not split the path.
+        return _json(result.to_json(), status, {"Location": f"/v1/events/{quote(result.id, safe='')}"})
 
     @app.post("/v1/events:batch", status_code=201, summary="Append up to 500 CloudEvents atomically")
     @observed("post_batch")
     async def post_batch(request: Request) -> Response:
-        principal = authorize(request, "events:write")
+        principal = await authorize(request, "events:write")
         body = await read_json(request, _BATCH_TYPES, settings.max_batch_bytes)
         if not isinstance(body, list):
             raise invalid([], "a batch is a JSON array of events")
         if not body:
             raise invalid([], "a batch holds at least one event")
+        first = body[0]
+        if isinstance(first, dict) and isinstance(first.get("correlationid"), str):
+            request.state.correlation_id = first["correlationid"]
         if len(body) > settings.max_batch_events:
             raise too_large(f"a batch holds at most {settings.max_batch_events} events")
         events: list[NewEvent] = []
@@ -245,12 +285,13 @@ def create_app(
         results = await append(principal, events)
         return _json({"results": [r.to_json() | {"status": 201 if r.created else 200} for r in results]}, 201)
 
-    @app.get("/v1/events/{event_id}", summary="Read one stored event of the caller's tenant")
+    @app.get("/v1/events/{event_id:path}", summary="Read one stored event of the caller's tenant")
     @observed("get_event")
     async def get_event(request: Request) -> Response:
-        principal = authorize(request, "events:read")
+        principal = await authorize(request, "events:read")
         event_id = request.path_params["event_id"]
-        event = await store.get(principal.tenant, event_id)
+        # No stored id holds U+0000 (PostgreSQL text cannot), and the driver refuses to send it.
+        event = await store.get(principal.tenant, event_id) if "\x00" not in event_id else None
         if event is None:
             raise not_found(f"no event {event_id!r}")
         return _json(event.to_cloudevent())
@@ -258,11 +299,13 @@ def create_app(
     @app.get("/v1/streams/{stream:path}", summary="Read a stream's events in version order")
     @observed("get_stream")
     async def get_stream(request: Request) -> Response:
-        principal = authorize(request, "events:read")
+        principal = await authorize(request, "events:read")
         stream = request.path_params["stream"]
         from_version = _int_param(request, "from_version", 1, minimum=1)
         limit = _int_param(request, "limit", 100, minimum=1, maximum=_MAX_PAGE)
-        events = await store.read_stream(principal.tenant, stream, from_version, limit + 1)
+        events = (
+            await store.read_stream(principal.tenant, stream, from_version, limit + 1) if "\x00" not in stream else []
+        )
         if not events and from_version == 1:
             raise not_found(f"no stream {stream!r}")
         page = events[:limit]
@@ -272,7 +315,7 @@ def create_app(
     @app.get("/v1/config/{key:path}", summary="Current value of a config key")
     @observed("get_config")
     async def get_config(request: Request) -> Response:
-        principal = authorize(request, "config:read")
+        principal = await authorize(request, "config:read")
         key = request.path_params["key"]
         try:
             parse_config_key(key, registered_tags)
@@ -286,8 +329,10 @@ def create_app(
     @app.get("/v1/config", summary="Config keys under a prefix")
     @observed("list_config")
     async def list_config(request: Request) -> Response:
-        principal = authorize(request, "config:read")
+        principal = await authorize(request, "config:read")
         prefix = request.query_params.get("prefix", "")
+        if not prefix.isprintable():
+            raise Problem(422, "bad-parameter", "Bad query parameter", "prefix: control characters are not allowed")
         limit = _int_param(request, "limit", 100, minimum=1, maximum=_MAX_PAGE)
         start_after = request.query_params.get("after")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import jwt
 
-from event_bus.problems import Problem, forbidden, unauthorized
+from event_bus.problems import Problem, forbidden, unauthorized, unavailable
 from event_bus.settings import AuthSettings
 
 TIERS = ("basic", "premium", "enterprise")
@@ -21,6 +21,9 @@ SCOPES = frozenset({"events:write", "events:read", "config:read", "admin"})
 
 _HMAC_ALGORITHMS = ["HS256"]
 _JWKS_ALGORITHMS = ["RS256", "ES256"]
+#: Tenant ids end up in index keys (``(tenant_id, stream_id, …)``) and in Kinesis partition
+#: keys: bounded, and free of control characters (PostgreSQL refuses U+0000 in text).
+MAX_TENANT_CHARS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +52,20 @@ class Principal:
 class TokenVerifier:
     """Verifies bearer tokens and turns their claims into a :class:`Principal`."""
 
-    def __init__(self, settings: AuthSettings) -> None:
+    def __init__(
+        self, settings: AuthSettings, *, jwks_lifespan_seconds: float = 300.0, jwks_timeout_seconds: float = 5.0
+    ) -> None:
         if not settings.jwt_secret and not settings.jwks_url:
             raise ValueError("set a JWT secret (HS256, local) or a JWKS URL (RS256/ES256)")
         self._settings = settings
-        self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True) if settings.jwks_url else None
+        # The key set is cached for ``lifespan`` seconds and refetched after it, so a key
+        # removed from the JWKS stops being accepted (a per-kid LRU cache would keep it
+        # forever). An unknown ``kid`` refetches at most once per ``cooldown_duration``.
+        self._jwks = (
+            jwt.PyJWKClient(settings.jwks_url, lifespan=jwks_lifespan_seconds, timeout=jwks_timeout_seconds)
+            if settings.jwks_url
+            else None
+        )
 
     def verify(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -64,6 +76,17 @@ class TokenVerifier:
         claims = self._decode(token.strip())
         return _principal(claims)
 
+    def may_block(self) -> bool:
+        """Whether :meth:`verify` may fetch the JWKS over the network (cache cold or expired).
+
+        The app then verifies in a worker thread, so that a slow key server never stalls
+        the event loop; otherwise verification is pure CPU and runs inline.
+        """
+        if self._jwks is None:
+            return False
+        cache = self._jwks.jwk_set_cache
+        return cache is None or cache.get() is None
+
     def _decode(self, token: str) -> dict[str, Any]:
         s = self._settings
         options = {"require": ["exp", "sub", "tenant_id"], "verify_aud": s.audience is not None}
@@ -71,8 +94,14 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
             alg = header.get("alg")
             if self._jwks is not None and alg in _JWKS_ALGORITHMS:
-                key: Any = self._jwks.get_signing_key_from_jwt(token).key
-                algorithms = _JWKS_ALGORITHMS
+                # Pass the JWK itself, not its raw key: PyJWT then refuses a token whose
+                # ``alg`` does not fit the key's type (an RS256 header naming an EC key's
+                # ``kid`` would otherwise reach cryptography and raise a TypeError).
+                jwk = self._jwks.get_signing_key_from_jwt(token)
+                key: Any = jwk
+                algorithms = [jwk.algorithm_name] if jwk.algorithm_name in _JWKS_ALGORITHMS else []
+                if not algorithms:
+                    raise unauthorized(f"the signing key's algorithm {jwk.algorithm_name!r} is not allowed")
             elif s.jwt_secret and alg in _HMAC_ALGORITHMS:
                 key, algorithms = s.jwt_secret, _HMAC_ALGORITHMS
             else:
@@ -98,7 +127,10 @@ class TokenVerifier:
             raise unauthorized("token signature does not verify") from e
         except jwt.MissingRequiredClaimError as e:
             raise unauthorized(f"token lacks the claim {e.claim!r}") from e
-        except jwt.PyJWKClientError as e:
+        except jwt.PyJWKClientConnectionError as e:
+            # Our key server is down, not the caller's token wrong: let it retry.
+            raise unavailable("the token signing keys cannot be fetched; retry later", retry_after=5) from e
+        except (jwt.PyJWKClientError, jwt.PyJWKError, jwt.PyJWKSetError) as e:
             raise unauthorized("no signing key for this token") from e
         except jwt.PyJWTError as e:
             raise unauthorized("malformed token") from e
@@ -109,6 +141,8 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
     tenant = claims.get("tenant_id")
     if not isinstance(tenant, str) or not tenant:
         raise unauthorized("claim 'tenant_id' must be a non-empty string")
+    if len(tenant) > MAX_TENANT_CHARS or not tenant.isprintable():
+        raise unauthorized(f"claim 'tenant_id' must be at most {MAX_TENANT_CHARS} printable characters")
     tier = claims.get("tier", "basic")
     if tier not in TIERS:
         raise unauthorized(f"claim 'tier' must be one of {', '.join(TIERS)}")

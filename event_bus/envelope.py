@@ -84,7 +84,11 @@ class StoredEvent:
         for name in ("correlationid", "causationid"):
             if name in self.metadata:
                 body[name] = self.metadata[name]
-        body.update(self.metadata.get("extensions", {}))
+        # A stored extension never overrides an attribute of ours (e.g. a forged ``version``
+        # would defeat the consumers' per-stream ordering); validation refuses such names.
+        for name, value in self.metadata.get("extensions", {}).items():
+            if name not in _KNOWN_ATTRIBUTES:
+                body[name] = value
         if self.data is not None:
             body["data"] = self.data
         if self.position:

@@ -7,17 +7,18 @@ reported as a problem naming the field.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from event_bus.auth import Principal
 from event_bus.envelope import CONFIG_DELETED, CONFIG_SET, CONFIG_TYPES, SPECVERSION
-from event_bus.problems import FieldError, Problem, forbidden, invalid, too_large
+from event_bus.problems import FieldError, Problem, bad_json, forbidden, invalid, too_large
 
 MAX_ID_CHARS = 128
 MAX_STREAM_CHARS = 512
@@ -25,11 +26,28 @@ MAX_STREAM_CHARS = 512
 #: added fields (version, recordedat, position, tenant and stream) always fit.
 MAX_EVENT_BYTES = 1_048_576 - 8_192
 
+#: Integers outside this range cannot be written by orjson (which encodes the jsonb column,
+#: the API answers and the Kinesis records), and orjson silently reads them as floats.
+MIN_INT = -(2**63)
+MAX_INT = 2**64 - 1
+
 _CORE = {"specversion", "id", "source", "type", "subject", "time", "datacontenttype", "data"}
 _OURS = {"tenantid", "streamid", "expectedversion", "correlationid", "causationid"}
-_EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
-_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
-_SOURCE = re.compile(r"^\S+$")
+#: Attributes the bus adds to stored and streamed events: a producer's extension of the
+#: same name would override them in the Kinesis record (e.g. a forged ``version``).
+_ASSIGNED = {"version", "recordedat", "position"}
+# Used with ``fullmatch``: ``$`` would also match before a trailing newline ("a\n").
+_EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
+_SOURCE = re.compile(r"\S+")
+# Ids and streams are addressed by URL paths (``GET /v1/events/{id}``, where a newline cannot
+# be routed), echoed in ``Location`` headers and logged: no C0/C1 control characters.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# JSON can carry U+0000 only as this escape, and an integer beyond 64 bits only as a run of
+# at least 19 digits: both byte searches are cheap, so the exact (slow) checks run only
+# for the rare bodies that contain one.
+_NUL_ESCAPE = b"\\u0000"
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +68,67 @@ class NewEvent:
     size: int = field(default=0)
 
 
+def decode_json(raw: bytes) -> Any:
+    """Decode a request body, refusing what the events table or orjson cannot hold as is.
+
+    Not JSON (including invalid UTF-8, lone surrogates, nesting past orjson's 1024 levels)
+    is a 400; U+0000 in any string (PostgreSQL's text and jsonb refuse it) and integers
+    beyond the 64-bit range (orjson would silently round them to floats) are a 422.
+    """
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise bad_json(str(e)) from e
+    if _NUL_ESCAPE in raw:
+        where = _find_nul(value, "")
+        if where is not None:
+            raise invalid([FieldError(where or "/", "strings must not contain U+0000 (NUL)")])
+    if _LONG_DIGITS.search(raw):
+        _check_integers(raw)
+    return value
+
+
+def _find_nul(value: Any, where: str) -> str | None:
+    """JSON pointer of the first string (or member name) holding U+0000, if any."""
+    if isinstance(value, str):
+        return where if "\x00" in value else None
+    if isinstance(value, dict):
+        for name, member in value.items():
+            pointer = f"{where}/{_escape_pointer(name)}"
+            if "\x00" in name:
+                return pointer
+            found = _find_nul(member, pointer)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_nul(item, f"{where}/{i}")
+            if found is not None:
+                return found
+    return None
+
+
+def _escape_pointer(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+def _check_integers(raw: bytes) -> None:
+    def integer(literal: str) -> int:
+        number = int(literal)
+        if not MIN_INT <= number <= MAX_INT:
+            raise invalid(
+                [FieldError("/", f"the integer {literal[:40]} is outside the 64-bit range; send it as a string")]
+            )
+        return number
+
+    try:
+        json.loads(raw, parse_int=integer)
+    except RecursionError as e:
+        raise invalid([FieldError("/", "the body nests JSON too deeply")]) from e
+    except ValueError as e:  # ``int()``'s digit limit: such a literal is far beyond 64 bits too
+        raise invalid([FieldError("/", "an integer is outside the 64-bit range; send it as a string")]) from e
+
+
 def parse_event(
     body: object,
     principal: Principal,
@@ -61,7 +140,11 @@ def parse_event(
     """Validate one CloudEvent (already JSON-decoded) sent by ``principal``."""
     if not isinstance(body, Mapping):
         raise invalid([FieldError(where or "/", "an event must be a JSON object")])
-    size = len(orjson.dumps(body))
+    try:
+        size = len(orjson.dumps(body))
+    except orjson.JSONEncodeError as e:
+        # What orjson decoded it can encode again, except nesting past its encoder's limit.
+        raise invalid([FieldError(where or "/", "the event nests JSON too deeply")]) from e
     if size > max_event_bytes:
         raise too_large(f"event{where and ' ' + where} is {size} bytes; the limit is {max_event_bytes}")
     errors: list[FieldError] = []
@@ -69,7 +152,7 @@ def parse_event(
     def err(name: str, message: str) -> None:
         errors.append(FieldError(f"{where}/{name}", message))
 
-    def text(name: str, *, required: bool, limit: int | None = None) -> str | None:
+    def text(name: str, *, required: bool, limit: int | None = None, plain: bool = False) -> str | None:
         value = body.get(name)
         if value is None:
             if required:
@@ -81,25 +164,30 @@ def parse_event(
         if limit is not None and len(value) > limit:
             err(name, f"must be at most {limit} characters")
             return None
+        if plain and _CONTROL.search(value):
+            err(name, "must not contain control characters")
+            return None
         return value
 
     if body.get("specversion") != SPECVERSION:
         err("specversion", f'must be "{SPECVERSION}"')
-    event_id = text("id", required=True, limit=MAX_ID_CHARS)
+    event_id = text("id", required=True, limit=MAX_ID_CHARS, plain=True)
     source = text("source", required=True)
-    if source is not None and not _SOURCE.match(source):
+    if source is not None and not _SOURCE.fullmatch(source):
         err("source", "must be a URI-reference without whitespace")
     event_type = text("type", required=True, limit=256)
-    subject = text("subject", required=False, limit=MAX_STREAM_CHARS)
+    subject = text("subject", required=False, limit=MAX_STREAM_CHARS, plain=True)
     content_type = text("datacontenttype", required=False, limit=256)
     occurred = _time(body.get("time"), err)
     tenant = body.get("tenantid")
     if tenant is not None and tenant != principal.tenant:
         raise forbidden("tenantid differs from the token's tenant")
-    stream = text("streamid", required=False, limit=MAX_STREAM_CHARS)
+    stream = text("streamid", required=False, limit=MAX_STREAM_CHARS, plain=True)
     expected = body.get("expectedversion")
-    if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool) or expected < 0):
-        err("expectedversion", "must be a non-negative integer")
+    if expected is not None and (
+        not isinstance(expected, int) or isinstance(expected, bool) or not 0 <= expected < 2**63
+    ):
+        err("expectedversion", "must be a non-negative 64-bit integer")
         expected = None
     metadata: dict[str, Any] = {"sub": principal.subject}
     for name in ("correlationid", "causationid"):
@@ -114,7 +202,9 @@ def parse_event(
             continue
         if name == "data_base64":
             err(name, "binary data is not supported; send JSON in 'data'")
-        elif not _EXTENSION_NAME.match(name):
+        elif name in _ASSIGNED:
+            err(name, "is assigned by the bus and cannot be sent")
+        elif not _EXTENSION_NAME.fullmatch(name):
             err(name, "extension attribute names are 1-20 lowercase letters or digits")
         elif not isinstance(value, str | int | bool) or isinstance(value, float):
             err(name, "extension attributes must be strings, integers or booleans")
@@ -157,7 +247,7 @@ def parse_config_key(key: str, tags: Collection[str]) -> tuple[str, str]:
     if tag not in tags:
         raise ValueError(f"unknown tag {tag!r}; registered: {', '.join(sorted(tags))}")
     segments = path.split("/")
-    if not path or not all(_PATH_SEGMENT.match(s) for s in segments):
+    if not path or not all(_PATH_SEGMENT.fullmatch(s) for s in segments):
         raise ValueError("the path is '/'-separated segments of letters, digits, '_', '.' and '-'")
     return tag, path
 
@@ -192,6 +282,12 @@ def _time(value: object, err: Any) -> datetime | None:
             pass
         else:
             if moment.tzinfo is not None:
+                try:
+                    moment.astimezone(UTC)
+                except OverflowError:
+                    # Readable in PostgreSQL, but not back into Python: a poison row.
+                    err("time", "must lie between the years 1 and 9999 in UTC")
+                    return None
                 return moment
     err("time", "must be an RFC 3339 timestamp with a time zone")
     return None
@@ -202,4 +298,4 @@ def _digest(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-__all__ = ["MAX_EVENT_BYTES", "NewEvent", "Problem", "parse_config_key", "parse_event"]
+__all__ = ["MAX_EVENT_BYTES", "NewEvent", "Problem", "decode_json", "parse_config_key", "parse_event"]

@@ -1,0 +1,106 @@
+"""Load shedding: past ``max_waiting`` requests waiting on the database, the bus answers 503
+with ``Retry-After`` at once instead of letting requests hang towards a timeout."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from event_bus.app import create_app
+from event_bus.settings import AuthSettings, BusSettings
+from event_bus.store import EventStore
+from tests.fixtures.bus import SECRET, TAGS, RunningBus, _free_port, serve
+from tests.fixtures.postgres_cluster import free_port
+
+PROBLEM = "application/problem+json"
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/shed", "type": "t"} | fields
+
+
+@pytest.fixture
+def small_bus(database_url: str) -> Iterator[RunningBus]:
+    """One commit worker, one request per group, and room for two waiting requests."""
+    settings = BusSettings(
+        database_url=database_url,
+        auth=AuthSettings(jwt_secret=SECRET),
+        pool_size=4,
+        commit_workers=1,
+        max_commit_group=1,
+        max_waiting=2,
+    )
+    port = _free_port()
+    stop = serve(create_app(settings, tags=TAGS), port)
+    try:
+        yield RunningBus(f"http://127.0.0.1:{port}", settings)
+    finally:
+        stop()
+
+
+def test_excess_requests_get_503_with_retry_after_instead_of_hanging(small_bus: RunningBus, database_url: str) -> None:
+    with small_bus.client("acme") as client:
+        assert client.post("/v1/events", json=event(subject="hot")).status_code == 201
+    requests = 12
+    with (
+        psycopg.connect(database_url) as lock,
+        small_bus.client("acme") as client,
+        ThreadPoolExecutor(requests) as pool,
+    ):
+        # Hold the stream's row lock: the one commit worker blocks on it, and requests queue.
+        lock.execute("SELECT version FROM streams WHERE tenant_id = 'acme' AND stream_id = 'hot' FOR UPDATE")
+        started = time.monotonic()
+        futures: list[Future[httpx.Response]] = [
+            pool.submit(client.post, "/v1/events", json=event(subject="hot")) for _ in range(requests)
+        ]
+        done: set[Future[httpx.Response]] = set()
+        deadline = started + 10
+        # At most one in the worker and two waiting: the other nine are answered while the lock is held.
+        while len(done) < requests - 3 and time.monotonic() < deadline:
+            finished, _ = wait(set(futures) - done, timeout=deadline - time.monotonic(), return_when=FIRST_COMPLETED)
+            done |= finished
+        shed = [f.result() for f in done]
+        shed_after = time.monotonic() - started
+        assert len(shed) == requests - 3 and not any(f.done() for f in set(futures) - done)
+        lock.rollback()  # let the queued ones through
+        served = [f.result() for f in set(futures) - done]
+    assert shed_after < 5
+    for response in shed:
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"] == PROBLEM
+        assert int(response.headers["retry-after"]) >= 1
+    assert [r.status_code for r in served] == [201] * 3
+    with psycopg.connect(database_url) as conn:
+        [(count,)] = conn.execute("SELECT count(*) FROM events WHERE stream_id = 'hot'").fetchall()
+        [(version,)] = conn.execute("SELECT version FROM streams WHERE stream_id = 'hot'").fetchall()
+    assert count == version == 4  # only the answered 201s were written, without gaps
+
+
+def test_an_unreachable_database_is_503_with_retry_after(pg_server_url: str) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere?connect_timeout=1"
+    settings = BusSettings(database_url=url, auth=AuthSettings(jwt_secret=SECRET), pool_size=2)
+    port = _free_port()
+    stop = serve(create_app(settings, tags=TAGS, store=EventStore(url, pool_size=2, pool_timeout=0.5)), port)
+    bus = RunningBus(f"http://127.0.0.1:{port}", settings)
+    try:
+        with bus.client("acme") as client:
+            responses = {
+                "single": client.post("/v1/events", json=event()),
+                "batch": client.post("/v1/events:batch", json=[event(), event()]),
+                "read": client.get("/v1/events/some-id"),
+                "stream": client.get("/v1/streams/some-stream"),
+                "ready": client.get("/readyz"),
+            }
+    finally:
+        stop()
+    for name, response in responses.items():
+        assert response.status_code == 503, (name, response.text)
+        assert response.headers["content-type"] == PROBLEM, name
+        assert int(response.headers["retry-after"]) >= 1, name
