@@ -218,7 +218,6 @@ def create_app(
         return decode_json(bytes(body))
 
     async def append(principal: Principal, events: list[NewEvent]) -> list[AppendResult]:
-        quotas.admit(principal, len(events))
         try:
             if len(events) == 1:
                 results = [await committer.append(events[0])]
@@ -244,6 +243,9 @@ def create_app(
     @observed("post_event")
     async def post_event(request: Request) -> Response:
         principal = await authorize(request, "events:write")
+        # The quota is taken before the body is read: a tenant over its quota costs the bus
+        # as little as possible, which keeps other tenants' latency down.
+        quotas.admit(principal, 1)
         body = await read_json(request, _SINGLE_TYPES, settings.max_event_bytes)
         if isinstance(body, dict) and isinstance(body.get("correlationid"), str):
             request.state.correlation_id = body["correlationid"]
@@ -257,6 +259,7 @@ def create_app(
     @observed("post_batch")
     async def post_batch(request: Request) -> Response:
         principal = await authorize(request, "events:write")
+        quotas.admit(principal, 0)  # an empty bucket refuses before the body is read
         body = await read_json(request, _BATCH_TYPES, settings.max_batch_bytes)
         if not isinstance(body, list):
             raise invalid([], "a batch is a JSON array of events")
@@ -282,6 +285,7 @@ def create_app(
                 errors.extend(problem.errors)
         if errors:
             raise invalid(errors, "one or more events of the batch are invalid; nothing was written")
+        quotas.admit(principal, len(events))
         results = await append(principal, events)
         return _json({"results": [r.to_json() | {"status": 201 if r.created else 200} for r in results]}, 201)
 

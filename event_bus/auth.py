@@ -7,6 +7,7 @@ is never accepted because PyJWT is always called with an explicit ``algorithms``
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,11 +54,23 @@ class TokenVerifier:
     """Verifies bearer tokens and turns their claims into a :class:`Principal`."""
 
     def __init__(
-        self, settings: AuthSettings, *, jwks_lifespan_seconds: float = 300.0, jwks_timeout_seconds: float = 5.0
+        self,
+        settings: AuthSettings,
+        *,
+        jwks_lifespan_seconds: float = 300.0,
+        jwks_timeout_seconds: float = 5.0,
+        cache_seconds: float = 30.0,
+        cache_size: int = 10_000,
     ) -> None:
         if not settings.jwt_secret and not settings.jwks_url:
             raise ValueError("set a JWT secret (HS256, local) or a JWKS URL (RS256/ES256)")
         self._settings = settings
+        # Verified tokens are remembered briefly: a client reuses its token for many requests,
+        # and a cheap answer matters most for a tenant flooding past its quota. An entry never
+        # outlives the token's `exp`, nor the key set it was verified with.
+        self._cache_seconds = min(cache_seconds, jwks_lifespan_seconds) if settings.jwks_url else cache_seconds
+        self._cache_size = cache_size
+        self._cache: dict[str, tuple[Principal, float]] = {}
         # The key set is cached for ``lifespan`` seconds and refetched after it, so a key
         # removed from the JWKS stops being accepted (a per-kid LRU cache would keep it
         # forever). An unknown ``kid`` refetches at most once per ``cooldown_duration``.
@@ -73,8 +86,18 @@ class TokenVerifier:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise unauthorized("the Authorization header must be 'Bearer <token>'")
-        claims = self._decode(token.strip())
-        return _principal(claims)
+        token = token.strip()
+        now = time.time()
+        cached = self._cache.get(token)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        claims = self._decode(token)
+        principal = _principal(claims)
+        if self._cache_seconds > 0:
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[token] = (principal, min(float(claims["exp"]), now + self._cache_seconds))
+        return principal
 
     def may_block(self) -> bool:
         """Whether :meth:`verify` may fetch the JWKS over the network (cache cold or expired).

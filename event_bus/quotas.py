@@ -29,7 +29,10 @@ class QuotaGate:
         self._buckets: dict[str, _Bucket] = {}
 
     def admit(self, principal: Principal, cost: int = 1) -> None:
-        """Take ``cost`` tokens from the tenant's bucket or raise a 429 problem."""
+        """Take ``cost`` tokens from the tenant's bucket or raise a 429 problem.
+
+        ``cost=0`` takes nothing but still refuses a tenant whose bucket is empty.
+        """
         rate, burst = self._limits(principal)
         if rate is None:
             return
@@ -47,7 +50,7 @@ class QuotaGate:
                 f"a request of {cost} events exceeds the tenant's burst of {burst}",
                 headers=_headers(burst, 0, math.ceil(cost / rate)),
             )
-        if bucket.tokens < cost:
+        if bucket.tokens < max(cost, 1):
             wait = math.ceil((cost - bucket.tokens) / rate)
             raise Problem(
                 429,
