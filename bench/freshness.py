@@ -1,0 +1,202 @@
+"""End-to-end freshness: bus ``201`` → value visible through ``GET /v1/config``, under steady load.
+
+Runs against the local stack (``tagbus up``): every part is real — bus, PostgreSQL, the
+tailer, kinesis-mock, the KCL MultiLangDaemon and DynamoDB Local / moto. A background load
+posts ``config.set`` events at a steady rate over a fixed set of keys (so the consumer
+coalesces), while a prober posts to its own probe keys a few times a second and polls each
+until the new version is readable: that delay is the freshness sample.
+
+The raw baseline of the same run is the bus's own ``POST`` → ``201`` latency for the probes:
+freshness can never be below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench import BenchOptions
+from event_bus.auth import issue_dev_token
+from tagbus import lifecycle
+from tagbus import settings as settings_mod
+
+KEYS = 200
+PROBE_KEYS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class FreshnessResult:
+    rate: float
+    seconds: float
+    sent: int
+    failed: int
+    samples: list[float]
+    post_latencies: list[float]
+    tag: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tag": self.tag,
+            "target_rate": self.rate,
+            "seconds": self.seconds,
+            "sent": self.sent,
+            "failed": self.failed,
+            "achieved_rate": self.sent / self.seconds,
+            "probes": len(self.samples),
+            "freshness_p50_ms": _pct(self.samples, 50),
+            "freshness_p99_ms": _pct(self.samples, 99),
+            "post_p50_ms": _pct(self.post_latencies, 50),
+            "post_p99_ms": _pct(self.post_latencies, 99),
+        }
+
+
+def _pct(values: list[float], pct: int) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return 1000 * ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+def _event(key: str, value: Any) -> bytes:
+    return orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": str(uuid.uuid4()),
+            "source": "/bench/freshness",
+            "type": "config.set",
+            "data": {"key": key, "value": value},
+        }
+    )
+
+
+async def _load(client: httpx.AsyncClient, rate: float, seconds: float, tag: str, counts: dict[str, int]) -> None:
+    """Post at ``rate`` events/s for ``seconds``, paced by the clock (not by responses)."""
+    headers = {"Content-Type": "application/cloudevents+json"}
+    start = time.monotonic()
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def one(i: int) -> None:
+        try:
+            r = await client.post("/v1/events", content=_event(f"{tag}:bench/load/k{i % KEYS}", i), headers=headers)
+            counts["sent" if r.status_code == 201 else "failed"] += 1
+        except httpx.HTTPError:
+            counts["failed"] += 1
+
+    i = 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        due = int(elapsed * rate)
+        while i < due:
+            task = asyncio.create_task(one(i))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            i += 1
+        await asyncio.sleep(0.002)
+    await asyncio.gather(*in_flight)
+
+
+async def _probe(client: httpx.AsyncClient, seconds: float, tag: str, samples: list[float], posts: list[float]) -> None:
+    headers = {"Content-Type": "application/cloudevents+json"}
+    run = uuid.uuid4().hex[:6]
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < seconds:
+        key = f"{tag}:bench/probe/{run}-{n % PROBE_KEYS}"
+        sent = time.monotonic()
+        r = await client.post("/v1/events", content=_event(key, n), headers=headers)
+        posts.append(time.monotonic() - sent)
+        if r.status_code != 201:
+            continue
+        version = r.json()["version"]
+        deadline = sent + 10
+        while time.monotonic() < deadline:
+            got = await client.get(f"/v1/config/{key}")
+            if got.status_code == 200 and got.json()["version"] >= version:
+                samples.append(time.monotonic() - sent)
+                break
+            await asyncio.sleep(0.01)
+        n += 1
+        await asyncio.sleep(0.2)
+
+
+async def measure(settings: settings_mod.Settings, *, rate: float, seconds: float, tag: str) -> FreshnessResult:
+    assert settings.auth.jwt_secret
+    token = issue_dev_token(
+        settings.auth.jwt_secret,
+        tenant=f"bench-{uuid.uuid4().hex[:6]}",
+        tier="enterprise",
+        scope="events:write config:read",
+        now=time.time(),
+    )
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    counts = {"sent": 0, "failed": 0}
+    samples: list[float] = []
+    posts: list[float] = []
+    async with httpx.AsyncClient(
+        base_url=settings.base_url, headers={"Authorization": f"Bearer {token}"}, limits=limits, timeout=30
+    ) as client:
+        await asyncio.gather(_load(client, rate, seconds, tag, counts), _probe(client, seconds, tag, samples, posts))
+    return FreshnessResult(rate, seconds, counts["sent"], counts["failed"], samples, posts, tag)
+
+
+def run(quick: bool, *, reports_dir: Path) -> list[FreshnessResult]:
+    lifecycle.up()
+    settings = settings_mod.load()
+    seconds = 10.0 if quick else 30.0
+    results = [
+        asyncio.run(measure(settings, rate=1_000.0, seconds=seconds, tag=tag))
+        for tag in ("tenantconfig", "paramconfig")
+    ]
+    _report(results, reports_dir)
+    return results
+
+
+def _report(results: list[FreshnessResult], reports_dir: Path) -> None:
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r.to_json() for r in results]
+    (reports_dir / "bench-freshness.json").write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+    lines = [
+        "| read model | target rate | achieved | failed | probes | fresh p50 | fresh p99 | POST p50 | POST p99 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['tag']} | {row['target_rate']:,.0f}/s | {row['achieved_rate']:,.0f}/s | {row['failed']} "
+            f"| {row['probes']} | {row['freshness_p50_ms']:.0f} ms | {row['freshness_p99_ms']:.0f} ms "
+            f"| {row['post_p50_ms']:.1f} ms | {row['post_p99_ms']:.1f} ms |"
+        )
+    text = "\n".join(lines)
+    (reports_dir / "bench-freshness.md").write_text(
+        "# End-to-end freshness (bus 201 → GET /v1/config)\n\n" + text + "\n"
+    )
+    print(text)
+    for row in rows:
+        ok = row["freshness_p99_ms"] <= 500
+        print(f"{'✔' if ok else '✘'} {row['tag']} freshness p99 ≤ 500 ms: {row['freshness_p99_ms']:.0f} ms")
+    if results and results[0].samples:
+        print(f"(median of probes: {statistics.median(results[0].samples) * 1000:.0f} ms)")
+
+
+def run_benchmark(options: BenchOptions) -> None:
+    """Entry point of ``python -m bench``."""
+    run(options.quick, reports_dir=options.reports_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.freshness", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10 s per read model instead of 30 s")
+    args = parser.parse_args(argv)
+    run(args.quick, reports_dir=Path("reports"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
