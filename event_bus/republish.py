@@ -31,16 +31,15 @@ memory stays bounded by ``chunk_size`` whatever the range.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import TupleRow
 
-from event_bus.envelope import StoredEvent
+from event_bus.store import stored_event
 from event_bus.tailer import DatabaseUnavailableError, RecordSink, libpq_url
 
 #: Events handed to the publisher at once: one full PutRecords request.
@@ -113,7 +112,7 @@ def republish(
                 cursor.itersize = chunk_size
                 cursor.execute(query, params)
                 while rows := cursor.fetchmany(chunk_size):
-                    chunk = [_event(row) for row in rows]
+                    chunk = [stored_event(row) for row in rows]
                     for event in chunk:
                         if event.stream != last_stream:
                             streams += 1
@@ -131,26 +130,4 @@ def republish(
         events=published,
         streams=streams,
         seconds=time.monotonic() - started,
-    )
-
-
-def _event(row: TupleRow | Sequence[Any]) -> StoredEvent:
-    # Same fields as the tailer's decoder builds from the WAL, so the record Data match
-    # byte for byte except the commit position, which the table does not hold.
-    event_id, tenant, stream, version, type_, source, subject, occurred_at, recorded_at, data, metadata = row
-    meta = dict(metadata or {})
-    content_type = meta.get("datacontenttype")
-    return StoredEvent(
-        id=event_id,
-        tenant=tenant,
-        stream=stream,
-        version=int(version),
-        type=type_,
-        source=source,
-        recorded_at=recorded_at,
-        data=data,
-        subject=subject,
-        time=occurred_at,
-        datacontenttype=content_type if isinstance(content_type, str) else None,
-        metadata=meta,
     )

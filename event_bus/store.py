@@ -198,11 +198,11 @@ class EventStore:
 
     async def get(self, tenant: str, event_id: str) -> StoredEvent | None:
         rows = await self._fetch(SELECT_EVENT, (tenant, event_id))
-        return _stored(rows[0]) if rows else None
+        return stored_event(rows[0]) if rows else None
 
     async def read_stream(self, tenant: str, stream: str, from_version: int, limit: int) -> list[StoredEvent]:
         rows = await self._fetch(SELECT_STREAM, (tenant, stream, from_version, limit))
-        return [_stored(r) for r in rows]
+        return [stored_event(r) for r in rows]
 
     async def _fetch(self, query: str, params: tuple[Any, ...]) -> list[TupleRow]:
         try:
@@ -324,7 +324,8 @@ def _with_version(params: tuple[Any, ...], version: int) -> tuple[Any, ...]:
     return (*params[:3], version, *params[3:])
 
 
-def _stored(row: TupleRow) -> StoredEvent:
+def stored_event(row: TupleRow | Sequence[Any]) -> StoredEvent:
+    """A stored event from a row whose first columns are those of ``SELECT_EVENT``."""
     metadata = dict(row[10] or {})
     return StoredEvent(
         id=row[0],

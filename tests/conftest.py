@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.postgres_cluster",
     "tests.fixtures.bus",
+    "tests.fixtures.kinesis",
 ]

@@ -7,10 +7,7 @@ Data equal the tailer's except the commit position.
 
 from __future__ import annotations
 
-import itertools
-import os
 import random
-import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -25,6 +22,7 @@ from event_bus.envelope import StoredEvent
 from event_bus.republish import republish
 from event_bus.settings import TailerSettings
 from event_bus.tailer import KinesisPublisher, LogTailer, TailerMetrics
+from tests.fixtures.kinesis import versions_on_stream
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -192,41 +190,10 @@ def test_records_match_the_tailers_except_the_position(database_url: str, slot_n
     assert sink.events[0].to_cloudevent()["datacontenttype"] == "application/json"
 
 
-def test_republishes_to_a_real_kinesis_endpoint(database_url: str) -> None:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_KINESIS")
-    if not endpoint:
-        pytest.skip("AWS_ENDPOINT_URL_KINESIS is not set (the local stack provides kinesis-mock)")
-    import boto3
-
-    client = boto3.client(
-        "kinesis",
-        endpoint_url=endpoint,
-        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
-        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
-    )
-    stream_name = f"tagbus-republish-{uuid.uuid4().hex[:8]}"
-    client.create_stream(StreamName=stream_name, ShardCount=2)
-    try:
-        client.get_waiter("stream_exists").wait(StreamName=stream_name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
-        with psycopg.connect(database_url) as conn:
-            for n in range(12):
-                insert(conn, f"k{n}", f"k{n % 3}", n // 3 + 1, T0)
-        publisher = KinesisPublisher(client, stream_name, metrics=TailerMetrics(CollectorRegistry()))
-        assert republish(database_url, publisher, tenant="acme", since=T0).events == 12
-
-        received: dict[str, list[int]] = defaultdict(list)
-        for shard in client.list_shards(StreamName=stream_name)["Shards"]:
-            iterator = client.get_shard_iterator(
-                StreamName=stream_name, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
-            )["ShardIterator"]
-            for _ in itertools.repeat(None, 5):
-                page = client.get_records(ShardIterator=iterator, Limit=1000)
-                for record in page["Records"]:
-                    event = StoredEvent.from_record_data(record["Data"])
-                    assert record["PartitionKey"] == event.partition_key
-                    received[event.stream].append(event.version)
-                iterator = page["NextShardIterator"]
-        assert dict(received) == {f"k{j}": [1, 2, 3, 4] for j in range(3)}
-    finally:
-        client.delete_stream(StreamName=stream_name, EnforceConsumerDeletion=True)
+def test_republishes_to_a_real_kinesis_endpoint(database_url: str, kinesis_client: Any, kinesis_stream: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        for n in range(12):
+            insert(conn, f"k{n}", f"k{n % 3}", n // 3 + 1, T0)
+    publisher = KinesisPublisher(kinesis_client, kinesis_stream, metrics=TailerMetrics(CollectorRegistry()))
+    assert republish(database_url, publisher, tenant="acme", since=T0).events == 12
+    assert versions_on_stream(kinesis_client, kinesis_stream) == {f"k{j}": [1, 2, 3, 4] for j in range(3)}

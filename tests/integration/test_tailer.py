@@ -6,12 +6,9 @@ against a real Kinesis API (kinesis-mock) when ``AWS_ENDPOINT_URL_KINESIS`` is s
 
 from __future__ import annotations
 
-import itertools
-import os
 import random
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -36,6 +33,7 @@ from event_bus.tailer import (
     mask_database_url,
     slot_status,
 )
+from tests.fixtures.kinesis import versions_on_stream
 
 # ------------------------------------------------------------------ helpers
 
@@ -540,46 +538,16 @@ def test_masked_database_url_never_shows_the_password() -> None:
 # ------------------------------------------------------------------ real Kinesis API
 
 
-def test_publishes_to_a_real_kinesis_endpoint(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_KINESIS")
-    if not endpoint:
-        pytest.skip("AWS_ENDPOINT_URL_KINESIS is not set (the local stack provides kinesis-mock)")
-    import boto3
-
-    client = boto3.client(
-        "kinesis",
-        endpoint_url=endpoint,
-        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
-        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+def test_publishes_to_a_real_kinesis_endpoint(
+    database_url: str, slot_name: str, tailers: list[LogTailer], kinesis_client: Any, kinesis_stream: str
+) -> None:
+    tailer = LogTailer(
+        TailerSettings(database_url=database_url, slot_name=slot_name, stream_name=kinesis_stream),
+        kinesis_client,
+        registry=CollectorRegistry(),
     )
-    stream = f"tagbus-tailer-{uuid.uuid4().hex[:8]}"
-    client.create_stream(StreamName=stream, ShardCount=2)
-    try:
-        client.get_waiter("stream_exists").wait(StreamName=stream, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
-        tailer = LogTailer(
-            TailerSettings(database_url=database_url, slot_name=slot_name, stream_name=stream),
-            client,
-            registry=CollectorRegistry(),
-        )
-        tailers.append(tailer)
-        tailer.try_activate()
-        commit_events(database_url, *[[(f"k{i}", f"k{i % 3}", i // 3 + 1)] for i in range(12)])
-        assert tailer.drain().events == 12
-
-        received: dict[str, list[int]] = defaultdict(list)
-        shards = client.list_shards(StreamName=stream)["Shards"]
-        for shard in shards:
-            iterator = client.get_shard_iterator(
-                StreamName=stream, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
-            )["ShardIterator"]
-            for _ in itertools.repeat(None, 5):
-                page = client.get_records(ShardIterator=iterator, Limit=1000)
-                for record in page["Records"]:
-                    event = StoredEvent.from_record_data(record["Data"])
-                    assert record["PartitionKey"] == event.partition_key
-                    received[event.stream].append(event.version)
-                iterator = page["NextShardIterator"]
-        assert dict(received) == {f"k{j}": [1, 2, 3, 4] for j in range(3)}
-    finally:
-        client.delete_stream(StreamName=stream, EnforceConsumerDeletion=True)
+    tailers.append(tailer)
+    tailer.try_activate()
+    commit_events(database_url, *[[(f"k{i}", f"k{i % 3}", i // 3 + 1)] for i in range(12)])
+    assert tailer.drain().events == 12
+    assert versions_on_stream(kinesis_client, kinesis_stream) == {f"k{j}": [1, 2, 3, 4] for j in range(3)}
