@@ -26,7 +26,7 @@ config_app = typer.Typer(no_args_is_help=True, help="Read config keys from their
 app.add_typer(config_app, name="config")
 
 out = Console(width=None if sys.stdout.isatty() else 132)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -477,6 +477,34 @@ def dlq_retry(
     if failed:
         raise CliError(f"{failed} of {len(results)} dead letter(s) still failing")
     out.print(f"{len(results)} dead letter(s) applied and removed")
+
+
+@app.command()
+def query(
+    sql_text: Annotated[str, typer.Argument(metavar="SQL", help="One read-only SQL statement.")],
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's rows (row-level security).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Print at most this many rows.")] = 1000,
+    csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
+    json: Annotated[bool, typer.Option("--json", help="A JSON array of objects.")] = False,
+    timeout: Annotated[float, typer.Option(help="Statement timeout in seconds.")] = 30.0,
+) -> None:
+    """Run one read-only SQL statement as the analyst role; print a table, CSV or JSON."""
+    from tagbus import analyst
+
+    if csv and json:
+        raise CliError("--csv and --json exclude each other")
+    try:
+        result = analyst.run_query(_settings(), sql_text, tenant=tenant, limit=limit, statement_timeout=timeout)
+    except analyst.QueryError as e:
+        raise CliError(str(e)) from e
+    if csv:
+        sys.stdout.write(analyst.to_csv(result))
+    elif json:
+        sys.stdout.buffer.write(analyst.to_json(result) + b"\n")
+    else:
+        out.print(analyst.render_table(result))
+    if result.truncated and (csv or json):
+        err.print(f"tagbus: output truncated at {limit} rows (raise --limit)", highlight=False)
 
 
 def main() -> None:
