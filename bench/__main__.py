@@ -1,8 +1,6 @@
 """``python -m bench [--quick] [--only NAME …] [--database-url URL]``: run every benchmark here.
 
-A module with ``run_benchmark(options)`` runs in this process. Modules written before that
-protocol (``tailer_bench``: a ``main()`` reading its own arguments) run as ``python -m
-bench.<name>`` with the arguments listed in :data:`LEGACY_ARGS`.
+Every module with ``run_benchmark(options)`` runs in this process, in turn.
 """
 
 from __future__ import annotations
@@ -11,8 +9,6 @@ import argparse
 import importlib
 import os
 import pkgutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import cast
@@ -20,15 +16,10 @@ from typing import cast
 import psycopg
 
 import bench
-from bench import REPO_ROOT, BenchOptions
+from bench import BenchOptions
 
 STACK_URL = "postgresql://tagbus:tagbus@127.0.0.1:55432/tagbus"
 ENV_URL = "TAGBUS_BENCH_DATABASE_URL"
-
-#: module → (quick arguments, full arguments), for modules run as a subprocess.
-LEGACY_ARGS: dict[str, tuple[list[str], list[str]]] = {
-    "tailer_bench": (["--events", "5000"], ["--events", "100000"]),
-}
 
 
 def discover() -> list[str]:
@@ -52,18 +43,11 @@ def server_url(explicit: str | None) -> str | None:
 def run_module(name: str, options: BenchOptions) -> bool:
     module = importlib.import_module(f"bench.{name}")
     entry = getattr(module, "run_benchmark", None)
-    if entry is not None:
-        cast(Callable[[BenchOptions], None], entry)(options)
+    if entry is None:
+        print(f"bench.{name}: no run_benchmark(); skipped")
         return True
-    if not hasattr(module, "main"):
-        print(f"bench.{name}: no run_benchmark() or main(); skipped")
-        return True
-    quick_args, full_args = LEGACY_ARGS.get(name, ([], []))
-    command = [sys.executable, "-m", f"bench.{name}", *(quick_args if options.quick else full_args)]
-    if options.server_url:
-        command += ["--database-url", options.server_url]
-    print(f"$ {' '.join(command)}", flush=True)
-    return subprocess.run(command, cwd=REPO_ROOT, check=False).returncode == 0
+    cast(Callable[[BenchOptions], None], entry)(options)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
