@@ -258,7 +258,9 @@ def tailer(
     metrics_port: Annotated[
         int, typer.Option(envvar="TAGBUS_TAILER_METRICS_PORT", help="Port of /metrics on 127.0.0.1 (0 = off).")
     ] = 9464,
-    aggregate: Annotated[bool, typer.Option(help="KPL-aggregate records (KCL consumers de-aggregate).")] = False,
+    aggregate: Annotated[
+        bool, typer.Option(envvar="TAGBUS_TAILER_AGGREGATE", help="KPL-aggregate records (KCL consumers de-aggregate).")
+    ] = False,
 ) -> None:
     """Run the log tailer (WAL → Kinesis) in the foreground; a second one waits as standby."""
     import logging

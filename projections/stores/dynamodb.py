@@ -43,6 +43,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
@@ -218,9 +219,13 @@ class DynamoDBConfigStore:
         clock: Callable[[], datetime] = _utcnow,
         alias_table: str | None = DEFAULT_ALIAS_TABLE,
         alias_ttl: float = ALIAS_TTL,
+        write_concurrency: int = 8,
     ) -> None:
         self._client = client
         self.table_name = table_name
+        # Conditional puts of different keys are independent, and each one refuses to move its
+        # key backwards whatever the order they land in, so a batch is written concurrently.
+        self._writers = ThreadPoolExecutor(write_concurrency, thread_name_prefix="dynamodb-put")
         self._tombstone_ttl = tombstone_ttl
         self._clock = clock
         self.alias: TableAlias | None = (
@@ -276,7 +281,9 @@ class DynamoDBConfigStore:
     # -- writes ------------------------------------------------------------------------
 
     def apply(self, changes: Sequence[ConfigChange]) -> ApplyResult:
-        return ApplyResult(tuple(self._apply_one(change) for change in changes))
+        if len(changes) == 1:
+            return ApplyResult((self._apply_one(changes[0]),))
+        return ApplyResult(tuple(self._writers.map(self._apply_one, changes)))
 
     def _apply_one(self, change: ConfigChange) -> ChangeResult:
         try:

@@ -42,6 +42,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -135,6 +136,7 @@ class SSMConfigStore:
         base_delay: float = 0.2,
         max_delay: float = 5.0,
         sleep: Callable[[float], None] = time.sleep,
+        write_concurrency: int = 8,
     ) -> None:
         if not root.startswith("/") or root.endswith("/"):
             raise ValueError("root must start with '/' and not end with it")
@@ -146,6 +148,7 @@ class SSMConfigStore:
         self._base_delay = base_delay
         self._max_delay = max_delay
         self._sleep = sleep
+        self._writers = ThreadPoolExecutor(write_concurrency, thread_name_prefix="ssm-put")
 
     # -- names -------------------------------------------------------------------------
 
@@ -188,22 +191,23 @@ class SSMConfigStore:
             except ProjectionError as e:
                 read_errors.update(dict.fromkeys(chunk, e))
 
-        decided: dict[str, ChangeResult] = {}
-        for name, index in winners.items():
+        def decide(name: str, index: int) -> ChangeResult:
             change = changes[index]
             if name in read_errors:
-                decided[name] = ChangeResult(change, Outcome.FAILED, read_errors[name])
-                continue
+                return ChangeResult(change, Outcome.FAILED, read_errors[name])
             stored = current.get(name)
             if stored is not None and stored.version >= change.version:
-                decided[name] = ChangeResult(change, Outcome.STALE)
-                continue
+                return ChangeResult(change, Outcome.STALE)
             try:
                 self._put(name, self._encode_checked(change))
             except ProjectionError as e:
-                decided[name] = ChangeResult(change, Outcome.FAILED, e)
-            else:
-                decided[name] = ChangeResult(change, Outcome.APPLIED)
+                return ChangeResult(change, Outcome.FAILED, e)
+            return ChangeResult(change, Outcome.APPLIED)
+
+        # One winner per parameter name: the puts are independent and run concurrently.
+        names_in_order = list(winners)
+        results = self._writers.map(decide, names_in_order, [winners[n] for n in names_in_order])
+        decided: dict[str, ChangeResult] = dict(zip(names_in_order, results, strict=True))
 
         # A change coalesced away shares its winner's fate: stale if the winner got through,
         # failed with the winner's error otherwise (it was not applied either).
