@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.daemon import APPLICATION_NAME as CONSUMER_APPLICATION
+from consumers.daemon import worker_id as consumer_worker_id
 from tagbus import install
 
 __all__ = [
@@ -713,7 +714,9 @@ def _consumer_ok(cfg: StackConfig) -> None:
     shards = _aws_call(cfg, "kinesis", "list_shards", StreamName=cfg.stream_name)["Shards"]
     open_shards = {s["ShardId"] for s in shards if "EndingSequenceNumber" not in s["SequenceNumberRange"]}
     leases = _aws_call(cfg, "dynamodb", "scan", TableName=CONSUMER_APPLICATION, ConsistentRead=True)["Items"]
-    owned = {item["leaseKey"]["S"] for item in leases if "leaseOwner" in item}
+    # Owned by this stack's worker: a lease still naming a stopped worker is not being processed.
+    me = consumer_worker_id({**os.environ, **stack_env(cfg)})
+    owned = {item["leaseKey"]["S"] for item in leases if item.get("leaseOwner", {}).get("S") == me}
     if not open_shards <= owned:
         raise StackError(f"no KCL lease yet for {', '.join(sorted(open_shards - owned))}")
 
