@@ -20,10 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from event_bus.app import create_app
 from event_bus.settings import AuthSettings, BusSettings
 from event_bus.validation import MAX_INT, MIN_INT
-from tests.fixtures.bus import SECRET, TAGS, RunningBus, _free_port, serve
+from tests.fixtures.bus import SECRET, TAGS, RunningBus, running_bus
 from tests.fixtures.postgres_cluster import cloned_database
 
 TENANT = "props"
@@ -59,12 +58,8 @@ def module_bus(pg_server_url: str) -> Iterator[RunningBus]:
     """One bus (and one database) for the whole module."""
     with cloned_database(pg_server_url) as url:
         bus_settings = BusSettings(database_url=url, auth=AuthSettings(jwt_secret=SECRET), pool_size=8)
-        port = _free_port()
-        stop = serve(create_app(bus_settings, tags=TAGS), port)
-        try:
-            yield RunningBus(f"http://127.0.0.1:{port}", bus_settings)
-        finally:
-            stop()
+        with running_bus(bus_settings) as running:
+            yield running
 
 
 @pytest.fixture(scope="module")

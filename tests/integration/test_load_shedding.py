@@ -16,7 +16,7 @@ import pytest
 from event_bus.app import create_app
 from event_bus.settings import AuthSettings, BusSettings
 from event_bus.store import EventStore
-from tests.fixtures.bus import SECRET, TAGS, RunningBus, _free_port, serve
+from tests.fixtures.bus import SECRET, TAGS, RunningBus, _free_port, running_bus, serve
 from tests.fixtures.postgres_cluster import free_port
 
 PROBLEM = "application/problem+json"
@@ -37,12 +37,8 @@ def small_bus(database_url: str) -> Iterator[RunningBus]:
         max_commit_group=1,
         max_waiting=2,
     )
-    port = _free_port()
-    stop = serve(create_app(settings, tags=TAGS), port)
-    try:
-        yield RunningBus(f"http://127.0.0.1:{port}", settings)
-    finally:
-        stop()
+    with running_bus(settings) as running:
+        yield running
 
 
 def test_excess_requests_get_503_with_retry_after_instead_of_hanging(small_bus: RunningBus, database_url: str) -> None:
