@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from event_bus.auth import Principal, TokenVerifier
 from event_bus.group_commit import GroupCommitter
@@ -363,6 +364,13 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # The two ingest routes are also mounted as plain Starlette routes ahead of FastAPI's:
+    # they parse their own bodies, so FastAPI's per-request dependency solving only cost
+    # CPU (about a fifth of the bus's time at 64 clients). FastAPI's routes stay for /docs.
+    app.router.routes[0:0] = [
+        Route("/v1/events", post_event, methods=["POST"]),
+        Route("/v1/events:batch", post_batch, methods=["POST"]),
+    ]
     return app
 
 
