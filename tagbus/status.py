@@ -31,11 +31,45 @@ def show(settings: Settings, console: Console) -> None:
         if slot is None:
             table.add_row("tailer slot", "[yellow]missing (run `tagbus migrate`)[/yellow]")
         else:
-            table.add_row("tailer slot", f"{slot.slot_name} ({'active' if slot.active else 'inactive'})")
+            table.add_row("tailer slot", slot.slot_name)
             table.add_row("slot lag", f"{slot.lag_bytes:,} bytes of WAL not yet published")
             table.add_row("slot WAL status", slot.wal_status or "-")
+    for name, value in _tailer_progress(settings):
+        table.add_row(name, value)
     table.add_row("dead letters", _dead_letters(settings))
     console.print(table)
+
+
+def _tailer_progress(settings: Settings) -> list[tuple[str, str]]:
+    """What the running tailer says on its /metrics: is progress moving?"""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{settings.environ.get('TAGBUS_TAILER_METRICS_PORT', '9464')}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError):
+        return [("tailer", f"[yellow]no metrics at {url}[/yellow]")]
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+    now = datetime.now(UTC).timestamp()
+
+    def ago(name: str) -> str:
+        stamp = values.get(name, 0.0)
+        return f"{now - stamp:,.1f} s ago" if stamp else "never"
+
+    return [
+        ("events published", f"{values.get('tagbus_tailer_events_published_total', 0):,.0f}"),
+        ("last publish", ago("tagbus_tailer_last_publish_timestamp_seconds")),
+        ("slot last advanced", ago("tagbus_tailer_last_advance_timestamp_seconds")),
+    ]
 
 
 def _dead_letters(settings: Settings) -> str:

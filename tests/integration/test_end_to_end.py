@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,3 +90,16 @@ def test_killed_tailer_loses_nothing(live: settings_mod.Settings) -> None:
         lifecycle.up()  # brings the tailer back
         for key, version in versions.items():
             assert _wait_for(client, key, version)["value"] == int(key.rsplit("k", 1)[1])
+
+
+def test_status_shows_that_progress_is_moving(live: settings_mod.Settings) -> None:
+    with _client(live, f"s-{uuid.uuid4().hex[:8]}") as client:
+        _wait_for(client, "tenantconfig:status/probe", _post_config(client, "tenantconfig:status/probe", 1))
+    result = subprocess.run(
+        [sys.executable, "-m", "tagbus", "status"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "consumer  running" in result.stdout
+    published = next(line for line in result.stdout.splitlines() if "events published" in line)
+    assert int("".join(ch for ch in published.split("published")[1] if ch.isdigit())) > 0
+    assert "s ago" in next(line for line in result.stdout.splitlines() if "last publish" in line)
