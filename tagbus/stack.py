@@ -296,6 +296,9 @@ def _postgres_spec(cfg: StackConfig) -> PartSpec:
         "synchronous_commit": "on",
         "max_connections": "200",
         "shared_buffers": "256MB",
+        # A tailer that is down must not fill the disk with retained WAL: past this the slot
+        # is invalidated (tagbus status shows "lost") and `tagbus republish` re-sends.
+        "max_slot_wal_keep_size": "8GB",
     }
     argv = [str(bindir / "postgres"), "-D", str(pgdata)]
     for key, value in settings.items():
