@@ -7,7 +7,7 @@ TAGBUS := $(VENV)/bin/tagbus
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup up down demo test check lint types bench status clean
+.PHONY: setup up down demo test check lint types bench status clean reliability
 
 ## setup: system packages (apt, as root), the virtualenv, kinesis-mock, DynamoDB Local and the KCL jars
 setup: $(STAMP)
@@ -48,6 +48,10 @@ types: setup
 
 ## check: what CI runs — lint, types, then the tests
 check: lint types test
+
+## reliability: the ledger checks (every acknowledged event stored once, streamed, projected), with faults
+reliability: up
+	@set -a; . .tagbus/env; set +a; $(PY) -m pytest tests/reliability -s -q
 
 ## bench: the benchmarks (results printed and written under reports/)
 bench: up
