@@ -6,9 +6,11 @@ Fast when the stack is already up (``make up``): ``up`` only checks pid files th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -170,6 +172,17 @@ def test_spawn_wait_stop_and_stale_pid(toy_part: tuple[stack.StackConfig, stack.
     assert stack.stop_part(cfg, spec) is False
     assert not cfg.pid_file("toy").exists()
 
+    # Started again on a fresh port: the killed server's port can linger for a moment on a
+    # busy machine, and this test is about the pid file, not about port reuse.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = dataclasses.replace(
+        spec,
+        argv=(sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)),
+        marker=f"http.server --bind 127.0.0.1 {port}",
+        health=lambda: httpx.get(f"http://127.0.0.1:{port}/", timeout=1).raise_for_status(),
+    )
     pid = stack.spawn_detached(spec, cfg.pid_file("toy"), cfg.log_file("toy"))
     stack.wait_healthy(spec, pid, cfg.log_file("toy"))
     assert stack.stop_part(cfg, spec) is True
