@@ -658,38 +658,24 @@ def _paced_inserter(
     first: int,
     failure: list[BaseException],
 ) -> None:
-    """Commit events ``worker, worker + workers, …`` each alone, event j due at ``t0 + j / rate``."""
+    """Commit events ``worker, worker + workers, …`` each alone, event j due at ``t0 + j / rate``.
+
+    A failure is handed to the main thread (which raises it) and stops the other inserters.
+    """
     try:
-        _insert_paced(
-            url, worker, workers=workers, total=total, rate=rate, t0=t0, committed=committed, stop=stop, first=first
-        )
-    except BaseException as exc:  # handed to the main thread, which raises it
+        with psycopg.connect(url) as conn:
+            for j in range(worker, total, workers):
+                if stop.is_set():
+                    return
+                delay = t0 + j / rate - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                conn.execute(INSERT_BATCH, {"start": first + j - 1, "n": 1})
+                conn.commit()
+                committed[j] = time.time()
+    except BaseException as exc:
         failure.append(exc)
         stop.set()
-
-
-def _insert_paced(
-    url: str,
-    worker: int,
-    *,
-    workers: int,
-    total: int,
-    rate: float,
-    t0: float,
-    committed: list[float],
-    stop: threading.Event,
-    first: int,
-) -> None:
-    with psycopg.connect(url) as conn:
-        for j in range(worker, total, workers):
-            if stop.is_set():
-                return
-            delay = t0 + j / rate - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            conn.execute(INSERT_BATCH, {"start": first + j - 1, "n": 1})
-            conn.commit()
-            committed[j] = time.time()
 
 
 def percentile(values: Sequence[float], q: float) -> float:
