@@ -583,8 +583,10 @@ def _live_pid(cfg: StackConfig, spec: PartSpec) -> int | None:
 
 def _alive(pid: int, marker: str) -> bool:
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        return False
+    if child is not None:
+        # Our own child: its exit status is the truth. The marker check below is for pids read
+        # from pid files, and a starting process's cmdline can briefly lack the marker.
+        return child.poll() is None
     proc = Path("/proc") / str(pid)
     try:
         stat = (proc / "stat").read_text()
