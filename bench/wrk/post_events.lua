@@ -1,5 +1,7 @@
 -- wrk script: POST CloudEvents to the tagbus event bus, each with a unique id.
 -- Arguments (after "--"): <token> <run prefix> <batch size: 0 = single POST /v1/events>
+-- Paced mode: with TAGBUS_WRK_PAUSE_MS set, each connection waits that long between requests
+-- (read at load time: wrk decides whether a script has delay() before init() runs).
 -- done() prints one JSON line (prefixed "WRKJSON ") that bench/ingest.py parses.
 
 local threads = {}
@@ -12,6 +14,7 @@ function setup(thread)
 end
 
 local token, prefix, batch
+local pause_ms = tonumber(os.getenv("TAGBUS_WRK_PAUSE_MS") or "")
 local counter = 0
 local pad = string.rep("x", 96)
 
@@ -45,6 +48,12 @@ function request()
     return wrk.format("POST", "/v1/events:batch", nil, "[" .. table.concat(parts, ",") .. "]")
   end
   return wrk.format("POST", "/v1/events", nil, event())
+end
+
+if pause_ms then
+  function delay()
+    return pause_ms
+  end
 end
 
 function done(summary, latency, requests)

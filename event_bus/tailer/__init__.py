@@ -1,0 +1,124 @@
+"""The log tailer: the outbox relay from PostgreSQL's WAL to a Kinesis data stream.
+
+A logical replication slot (built-in ``pgoutput`` plugin, publication ``tagbus_events``)
+yields every committed insert into ``events`` in commit order. The tailer peeks a batch
+of whole transactions, publishes their events, and only then advances the slot past
+them — so the slot never moves past an event Kinesis has not acknowledged, and a crash
+anywhere resends instead of losing (at-least-once; consumers apply by version).
+
+Modules, one part each (this package re-exports their public names):
+
+- ``errors`` — the error hierarchy below; ``metrics`` — :class:`TailerMetrics` and ``/metrics``;
+- ``slot`` — :class:`SlotReader`, :class:`TailerLock`, slot status and URL helpers;
+- ``decoder`` — :class:`ChangeDecoder`; ``sink`` — :class:`RecordSink`, :class:`NullSink`;
+- ``publisher`` — :class:`KinesisPublisher`; ``runner`` — :class:`LogTailer`, :func:`run_tailer`.
+
+Parts, each small:
+
+- :class:`SlotReader` — the SQL interface of the slot (peek, advance, heartbeat, status);
+  driver errors become :class:`DatabaseUnavailableError` / :class:`SlotBusyError`.
+- :class:`TailerLock` — ``pg_try_advisory_lock`` on a dedicated session: one active tailer.
+- :class:`ChangeDecoder` — pgoutput messages → :class:`DecodedTransaction` of
+  :class:`~event_bus.envelope.StoredEvent`.
+- :class:`RecordSink` — where events go; :class:`KinesisPublisher` (``PutRecords``) and
+  :class:`NullSink` (decode-only benchmarks).
+- :class:`LogTailer` — the loop tying them together, with metrics (:class:`TailerMetrics`).
+
+Errors::
+
+    TailerError
+    ├── DatabaseUnavailableError     connection lost or refused (retried by run())
+    │   └── SlotBusyError            slot in use by another session (retried by run())
+    ├── SlotConfigurationError       slot exists with another plugin/database, wal_level wrong
+    ├── LockUnavailableError         run_once() while another tailer holds the lock
+    ├── EventDecodeError             a WAL row cannot become a StoredEvent (fatal)
+    ├── OversizeRecordError          an event's record exceeds Kinesis' 1 MiB (fatal, loud)
+    └── PublishError
+        ├── KinesisThrottledError    throttled (retried forever, with backoff)
+        ├── KinesisUnavailableError  endpoint unreachable / 5xx (retried forever)
+        ├── KinesisRejectedError     any other error code (fatal)
+        └── PublishInterruptedError  stop requested while backing off
+"""
+
+from __future__ import annotations
+
+from event_bus.tailer.decoder import HEARTBEAT_PREFIX, ChangeDecoder, DecodedTransaction
+from event_bus.tailer.errors import (
+    DatabaseUnavailableError,
+    EventDecodeError,
+    KinesisRejectedError,
+    KinesisThrottledError,
+    KinesisUnavailableError,
+    LockUnavailableError,
+    OversizeRecordError,
+    PublishError,
+    PublishInterruptedError,
+    SlotBusyError,
+    SlotConfigurationError,
+    TailerError,
+)
+from event_bus.tailer.metrics import (
+    DEFAULT_METRICS_HOST,
+    DEFAULT_METRICS_PORT,
+    MetricsServer,
+    TailerMetrics,
+    start_metrics_server,
+)
+from event_bus.tailer.publisher import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_RECORDS,
+    MAX_RECORD_BYTES,
+    KinesisClient,
+    KinesisPublisher,
+)
+from event_bus.tailer.runner import CycleResult, LogTailer, run_tailer
+from event_bus.tailer.sink import NullSink, RecordSink
+from event_bus.tailer.slot import (
+    ADVISORY_LOCK_KEY,
+    SlotReader,
+    SlotStatus,
+    TailerLock,
+    libpq_url,
+    mask_database_url,
+    slot_status,
+)
+
+__all__ = [
+    "ADVISORY_LOCK_KEY",
+    "DEFAULT_METRICS_HOST",
+    "DEFAULT_METRICS_PORT",
+    "HEARTBEAT_PREFIX",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_RECORDS",
+    "MAX_RECORD_BYTES",
+    "ChangeDecoder",
+    "CycleResult",
+    "DatabaseUnavailableError",
+    "DecodedTransaction",
+    "EventDecodeError",
+    "KinesisClient",
+    "KinesisPublisher",
+    "KinesisRejectedError",
+    "KinesisThrottledError",
+    "KinesisUnavailableError",
+    "LockUnavailableError",
+    "LogTailer",
+    "MetricsServer",
+    "NullSink",
+    "OversizeRecordError",
+    "PublishError",
+    "PublishInterruptedError",
+    "RecordSink",
+    "SlotBusyError",
+    "SlotConfigurationError",
+    "SlotReader",
+    "SlotStatus",
+    "TailerError",
+    "TailerLock",
+    "TailerMetrics",
+    "libpq_url",
+    "mask_database_url",
+    "run_tailer",
+    "slot_status",
+    "start_metrics_server",
+]

@@ -1,0 +1,180 @@
+"""pgoutput messages → committed transactions of :class:`~event_bus.envelope.StoredEvent`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+import orjson
+
+from event_bus.envelope import StoredEvent
+from event_bus.pgoutput import (
+    Begin,
+    Commit,
+    Insert,
+    LogicalMessage,
+    Relation,
+    TupleValue,
+    decode_message,
+)
+from event_bus.tailer.errors import EventDecodeError
+from event_bus.tailer.metrics import TailerMetrics
+
+#: Prefix of the transactional logical message the tailer emits when idle.
+HEARTBEAT_PREFIX: Final = "tagbus.heartbeat"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedTransaction:
+    """One committed transaction as the slot returned it."""
+
+    commit_lsn: int
+    end_lsn: int
+    commit_time: datetime
+    events: tuple[StoredEvent, ...]
+    heartbeat: bool
+
+
+_EVENT_COLUMNS: Final = (
+    "event_id",
+    "tenant_id",
+    "stream_id",
+    "version",
+    "type",
+    "source",
+    "subject",
+    "occurred_at",
+    "recorded_at",
+    "data",
+    "metadata",
+)
+
+
+class ChangeDecoder:
+    """Assembles pgoutput messages into committed transactions of events.
+
+    Relation messages are remembered by id (each peek is a new decoding session and
+    sends them again before first use). Inserts into other tables are ignored.
+    """
+
+    def __init__(self, *, table: str = "events", metrics: TailerMetrics | None = None) -> None:
+        self._table = table
+        self._metrics = metrics
+        self._relations: dict[int, tuple[int, ...] | None] = {}
+        self._begin: Begin | None = None
+        self._events: list[StoredEvent] = []
+        self._heartbeat = False
+
+    def feed(self, data: bytes) -> DecodedTransaction | None:
+        """Take one message; return the transaction it completes, if any."""
+        message = decode_message(data)
+        if isinstance(message, Insert):
+            self._on_insert(message)
+        elif isinstance(message, Begin):
+            self._begin, self._events, self._heartbeat = message, [], False
+        elif isinstance(message, Commit):
+            return self._on_commit(message)
+        elif isinstance(message, Relation):
+            self._on_relation(message)
+        elif isinstance(message, LogicalMessage) and message.transactional:
+            self._heartbeat = self._heartbeat or message.prefix == HEARTBEAT_PREFIX
+        return None
+
+    def decode(self, rows: Sequence[bytes]) -> list[DecodedTransaction]:
+        """All transactions completed by ``rows``; an unfinished tail is dropped (re-read next time)."""
+        done = []
+        for data in rows:
+            transaction = self.feed(data)
+            if transaction is not None:
+                done.append(transaction)
+        self._begin, self._events = None, []
+        return done
+
+    def _on_relation(self, relation: Relation) -> None:
+        if relation.name != self._table:
+            self._relations[relation.relation_id] = None
+            return
+        positions = {column.name: i for i, column in enumerate(relation.columns)}
+        missing = [name for name in _EVENT_COLUMNS if name not in positions]
+        if missing:
+            raise EventDecodeError(
+                f"relation {relation.namespace}.{relation.name} lacks columns {missing}",
+                position=self._begin.final_lsn if self._begin else 0,
+            )
+        self._relations[relation.relation_id] = tuple(positions[name] for name in _EVENT_COLUMNS)
+
+    def _on_insert(self, insert: Insert) -> None:
+        if self._begin is None:
+            raise EventDecodeError("insert outside a transaction", position=0)
+        if insert.relation_id not in self._relations:
+            raise EventDecodeError(f"insert into unknown relation {insert.relation_id}", position=self._begin.final_lsn)
+        positions = self._relations[insert.relation_id]
+        if positions is None:
+            return
+        self._events.append(_event_from_row(insert.values, positions, self._begin.final_lsn))
+
+    def _on_commit(self, commit: Commit) -> DecodedTransaction | None:
+        begin = self._begin
+        if begin is None:
+            raise EventDecodeError("commit without begin", position=commit.commit_lsn)
+        transaction = DecodedTransaction(
+            commit_lsn=commit.commit_lsn,
+            end_lsn=commit.end_lsn,
+            commit_time=commit.commit_time,
+            events=tuple(self._events),
+            heartbeat=self._heartbeat,
+        )
+        self._begin, self._events, self._heartbeat = None, [], False
+        if self._metrics is not None and transaction.events:
+            self._metrics.events_decoded.inc(len(transaction.events))
+        return transaction
+
+
+def _event_from_row(values: tuple[TupleValue, ...], positions: tuple[int, ...], position: int) -> StoredEvent:
+    try:
+        text = [values[i] for i in positions]
+    except IndexError:
+        raise EventDecodeError(
+            f"insert has {len(values)} columns, fewer than its relation", position=position
+        ) from None
+    for name, value in zip(_EVENT_COLUMNS, text, strict=True):
+        if value is not None and not isinstance(value, str):
+            raise EventDecodeError(f"column {name} arrived as {value!r}, expected text", position=position)
+    event_id, tenant, stream, version, type_, source, subject, occurred_at, recorded_at, data, metadata = text
+    if event_id is None or tenant is None or stream is None or version is None or recorded_at is None:
+        raise EventDecodeError("insert lacks a required column value", position=position)
+    assert isinstance(event_id, str) and isinstance(tenant, str) and isinstance(stream, str)
+    assert isinstance(version, str) and isinstance(recorded_at, str)
+    try:
+        meta = orjson.loads(metadata) if isinstance(metadata, str) else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"metadata is {type(meta).__name__}, expected an object")
+        content_type = meta.get("datacontenttype")
+        return StoredEvent(
+            id=event_id,
+            tenant=tenant,
+            stream=stream,
+            version=int(version),
+            type=str(type_),
+            source=str(source),
+            recorded_at=_timestamp(recorded_at),
+            data=orjson.loads(data) if isinstance(data, str) else None,
+            subject=subject if isinstance(subject, str) else None,
+            time=_timestamp(occurred_at) if isinstance(occurred_at, str) else None,
+            datacontenttype=content_type if isinstance(content_type, str) else None,
+            metadata=meta,
+            position=position,
+        )
+    except (ValueError, orjson.JSONDecodeError) as exc:
+        raise EventDecodeError(f"event {event_id!r}: {exc}", position=position) from exc
+
+
+def _timestamp(text: str) -> datetime:
+    # The reader session pins DateStyle=ISO and TimeZone=UTC, so values look like
+    # '2024-05-06 07:08:09.123456+00', which fromisoformat reads on Python ≥ 3.11.
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no time zone")
+    return moment
