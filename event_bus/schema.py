@@ -10,10 +10,11 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Identity,
+    Index,
     MetaData,
+    PrimaryKeyConstraint,
     Table,
     Text,
-    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
@@ -23,10 +24,16 @@ metadata = MetaData()
 #: Name of the publication the log tailer decodes (limited to the events table).
 PUBLICATION = "tagbus_events"
 
+#: Prefix of the monthly partitions of ``events``: ``events_YYYY_MM`` (UTC months).
+PARTITION_PREFIX = "events_"
+
+# Partitioned by RANGE (recorded_at), one partition per UTC month (migration 0003), so
+# every unique index must contain recorded_at: the primary key is (id, recorded_at) and
+# (tenant_id, event_id) is unique in ``event_keys`` instead.
 events = Table(
     "events",
     metadata,
-    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("id", BigInteger, Identity(always=True), nullable=False),
     Column("event_id", Text, nullable=False),
     Column("tenant_id", Text, nullable=False),
     Column("stream_id", Text, nullable=False),
@@ -41,8 +48,26 @@ events = Table(
     # SHA-256 of the submitted envelope: an exact repeat of an id answers 200, a different
     # body under the same id answers 409.
     Column("digest", Text, nullable=False),
-    UniqueConstraint("tenant_id", "event_id", name="events_tenant_event_key"),
-    UniqueConstraint("tenant_id", "stream_id", "version", name="events_tenant_stream_version_key"),
+    PrimaryKeyConstraint("id", "recorded_at", name="events_pkey"),
+    Index("events_tenant_recorded_at_idx", "tenant_id", "recorded_at"),
+    Index("events_tenant_stream_version_idx", "tenant_id", "stream_id", "version"),
+    Index("events_type_recorded_at_idx", "type", "recorded_at"),
+    postgresql_partition_by="RANGE (recorded_at)",
+)
+
+# One row per stored event, filled by a trigger on events in the same statement: the
+# idempotency key, and what a repeat is answered with and where the event row lives.
+event_keys = Table(
+    "event_keys",
+    metadata,
+    Column("tenant_id", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("id", BigInteger, nullable=False),
+    Column("recorded_at", TIMESTAMP(timezone=True), nullable=False),
+    Column("stream_id", Text, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("digest", Text, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "event_id", name="event_keys_pkey"),
 )
 
 # One row per (tenant, stream) holding its current version. Bumping it with

@@ -3,9 +3,19 @@
 Commit order: versions are assigned under the row lock of the stream's row in
 ``streams``, which is held until the appending transaction commits, so two writers of one
 stream commit in version order and the WAL (which the tailer reads) carries each stream's
-events in version order. Idempotency rests on the unique ``(tenant_id, event_id)`` index:
-a concurrent repeat blocks on it until the first commits, then fails and is retried,
-finding the committed row.
+events in version order; the same lock is what keeps ``(tenant_id, stream_id, version)``
+unique, since the partitioned events table cannot carry that unique index.
+
+Idempotency rests on the primary key of ``event_keys`` (tenant_id, event_id), which a
+statement-level trigger fills from every insert into ``events`` in the same statement
+(migration 0003): a concurrent repeat blocks on the key until the first commits, then
+fails and is retried, finding the committed row. The key row also holds stream, version,
+digest and the event's ``(id, recorded_at)``, so a repeat is answered from ``event_keys``
+alone and ``GET /v1/events/{id}`` reads one partition.
+
+``events`` has one partition per month and no DEFAULT partition: an insert for a month
+without a partition fails, which :class:`NoPartition` (a 503) reports loudly; the bus
+creates partitions months ahead (``event_bus.partitions``).
 """
 
 from __future__ import annotations
@@ -27,10 +37,14 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from event_bus.envelope import StoredEvent
 from event_bus.validation import NewEvent
 
+# The key row gives the event's primary key, so the join reads one partition's index.
 SELECT_EVENT = (
-    "SELECT event_id, tenant_id, stream_id, version, type, source, subject, occurred_at, recorded_at, data,"
-    " metadata, digest FROM events WHERE tenant_id = %s AND event_id = %s"
+    "SELECT e.event_id, e.tenant_id, e.stream_id, e.version, e.type, e.source, e.subject, e.occurred_at,"
+    " e.recorded_at, e.data, e.metadata, e.digest FROM event_keys k"
+    " JOIN events e ON e.id = k.id AND e.recorded_at = k.recorded_at"
+    " WHERE k.tenant_id = %s AND k.event_id = %s"
 )
+SELECT_KEY = "SELECT stream_id, version, recorded_at, digest FROM event_keys WHERE tenant_id = %s AND event_id = %s"
 SELECT_STREAM = (
     "SELECT event_id, tenant_id, stream_id, version, type, source, subject, occurred_at, recorded_at, data,"
     " metadata, digest FROM events WHERE tenant_id = %s AND stream_id = %s AND version >= %s"
@@ -74,7 +88,7 @@ INSERT_EVENTS = (
 FIND_EXISTING = (
     "SELECT e.tenant_id, e.event_id, e.stream_id, e.version, e.recorded_at, e.digest"
     " FROM unnest(%s::text[], %s::text[]) AS k(tenant_id, event_id)"
-    " JOIN events e ON e.tenant_id = k.tenant_id AND e.event_id = k.event_id"
+    " JOIN event_keys e ON e.tenant_id = k.tenant_id AND e.event_id = k.event_id"
 )
 
 _RETRIES = 5
@@ -86,6 +100,18 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The database cannot be reached or is overloaded; nothing was written."""
+
+
+class NoPartition(StoreUnavailable):
+    """No partition of ``events`` covers now: partition maintenance has not run (``tagbus maintain``)."""
+
+
+def _no_partition(error: pg_errors.CheckViolation) -> StoreError:
+    # events has no CHECK constraint, so a check violation reported on it is the
+    # partition router's "no partition of relation events found for row".
+    if error.diag.table_name == "events":
+        return NoPartition("no partition of events covers the current month; run `tagbus maintain`")
+    return StoreError(str(error))
 
 
 @dataclass(eq=False)
@@ -173,6 +199,8 @@ class EventStore:
                         return await write_new(conn, events)
             except (pg_errors.UniqueViolation, pg_errors.DeadlockDetected):
                 pass  # a concurrent writer got in first: the event-by-event path settles it
+            except pg_errors.CheckViolation as e:
+                raise _no_partition(e) from e
             except PoolTimeout as e:
                 raise StoreUnavailable("no database connection available in time") from e
             except psycopg.OperationalError as e:
@@ -190,6 +218,8 @@ class EventStore:
                 if attempt == _RETRIES - 1:
                     raise StoreUnavailable("too much contention between batches") from e
                 await asyncio.sleep(0.01 * (attempt + 1))
+            except pg_errors.CheckViolation as e:
+                raise _no_partition(e) from e
             except PoolTimeout as e:
                 raise StoreUnavailable("no database connection available in time") from e
             except psycopg.OperationalError as e:
@@ -218,12 +248,13 @@ class EventStore:
 
 
 async def _append_one(conn: psycopg.AsyncConnection[Any], index: int, event: NewEvent) -> AppendResult:
-    cur = await conn.execute(SELECT_EVENT, (event.tenant, event.id))
+    cur = await conn.execute(SELECT_KEY, (event.tenant, event.id))
     existing = await cur.fetchone()
     if existing is not None:
-        if existing[11] != event.digest:
+        stream, version, recorded_at, digest = existing
+        if digest != event.digest:
             raise IdConflict(index, event.id)
-        return AppendResult(event.id, event.tenant, existing[2], existing[3], existing[8], created=False)
+        return AppendResult(event.id, event.tenant, stream, version, recorded_at, created=False)
     version = await _next_version(conn, index, event)
     cur = await conn.execute(INSERT_EVENT, _with_version(insert_params(event), version))
     row = await cur.fetchone()

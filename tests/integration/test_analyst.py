@@ -1,7 +1,7 @@
 """Analyst access against a real PostgreSQL: roles, row-level security, views and ``run_query``.
 
 Every check runs in a real session that has SET ROLE into the group role under test, on a
-database migrated to head (so migration 0002 is what is exercised).
+database migrated to head (migration 0002, on the partitioned table of 0003).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import csv
 import io
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from event_bus.partitions import ensure_partitions
 from tagbus.analyst import QueryError, QueryResult, render_table, run_query, to_csv, to_json
 from tagbus.settings import Settings, load
 
@@ -61,6 +63,8 @@ def insert_event(
 def seeded(database_url: str) -> str:
     """Two tenants' events, inserted as the owner (the bus's role): RLS must not get in its way."""
     with psycopg.connect(database_url, autocommit=True) as conn:
+        # The rows are of January 2026, a month the fresh database has no partition for.
+        ensure_partitions(conn, months_ahead=0, now=datetime(2026, 1, 15, tzinfo=UTC))
         key = "tenantconfig:limits/rate"
         insert_event(
             conn,
@@ -157,9 +161,11 @@ def tenants_seen(conn: psycopg.Connection[Any], relation: str) -> set[str]:
 # ------------------------------------------------------------------ migration
 
 
-def test_migration_0002_is_applied(database_url: str) -> None:
+def test_migrations_0002_and_0003_are_applied(database_url: str) -> None:
     with psycopg.connect(database_url) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0002",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0003",)
+        kind = conn.execute("SELECT relkind FROM pg_class WHERE relname = 'events'").fetchone()
+        assert kind == ("p",)  # partitioned (0003)
         roles = conn.execute(
             "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname LIKE 'tagbus\\_%analyst' ORDER BY 1"
         ).fetchall()
@@ -171,7 +177,11 @@ def test_migration_0002_is_applied(database_url: str) -> None:
         ).fetchall()
         assert {name: opts for name, opts in options} == {v: ["security_invoker=true"] for v in VIEWS}
         indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'events'")}
-        assert {"events_tenant_recorded_at_idx", "events_type_recorded_at_idx"} <= indexes
+        assert {
+            "events_tenant_recorded_at_idx",
+            "events_type_recorded_at_idx",
+            "events_tenant_stream_version_idx",
+        } <= indexes
 
 
 def test_migration_0002_downgrades_and_upgrades_again(database_url: str) -> None:
