@@ -22,6 +22,7 @@ from starlette.routing import Route
 from event_bus.auth import Principal, TokenVerifier
 from event_bus.group_commit import GroupCommitter
 from event_bus.logs import AccessLog, request_id
+from event_bus.partitions import PartitionKeeper
 from event_bus.problems import (
     PROBLEM_CONTENT_TYPE,
     FieldError,
@@ -117,6 +118,8 @@ def create_app(
         max_waiting=settings.max_waiting,
         on_commit=metrics.batch_size.observe,
     )
+    # Makes this month's partition of events and the next ones at start, then daily.
+    keeper = PartitionKeeper(settings.database_url)
     verifier = verifier or TokenVerifier(settings.auth)
     quotas = QuotaGate(settings.tiers)
     registered_tags = frozenset(tags)
@@ -125,11 +128,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await store.open()
+        await keeper.start()
         await committer.start()
         try:
             yield
         finally:
             await committer.stop()
+            await keeper.stop()
             await store.close()
 
     # No slash redirects: an API answers the path it was asked, and a 307 is no problem+json.
