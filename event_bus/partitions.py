@@ -107,6 +107,14 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def events_partitioned(conn: psycopg.Connection[Any]) -> bool:
+    """Whether ``public.events`` is the partitioned table of migration 0003 (or later)."""
+    row = conn.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass('public.events')").fetchone()
+    if not conn.autocommit:
+        conn.rollback()
+    return bool(row and row[0])
+
+
 def ensure_partitions(
     conn: psycopg.Connection[Any], months_ahead: int = MONTHS_AHEAD, *, now: datetime | None = None
 ) -> list[str]:

@@ -509,6 +509,39 @@ def query(
         err.print(f"tagbus: output truncated at {limit} rows (raise --limit)", highlight=False)
 
 
+@app.command()
+def maintain(
+    months_ahead: Annotated[int, typer.Option(min=0, help="Partitions to make after the current month's.")] = 3,
+    archive_before: Annotated[
+        str | None,
+        typer.Option(metavar="YYYY-MM", help="Move partitions of months before this one to schema archive."),
+    ] = None,
+) -> None:
+    """Make the events table's monthly partitions ahead; archive old ones (never deletes rows)."""
+    import psycopg
+
+    from event_bus import partitions
+
+    try:
+        before = partitions.Month.parse(archive_before) if archive_before is not None else None
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    s = _settings()
+    try:
+        with psycopg.connect(s.database_url, autocommit=True, connect_timeout=10) as conn:
+            if not partitions.events_partitioned(conn):
+                raise CliError("the events table is not partitioned: run `tagbus migrate` first")
+            created = partitions.ensure_partitions(conn, months_ahead)
+            archived = partitions.detach_before(conn, before) if before is not None else []
+    except partitions.PartitionError as e:
+        raise CliError(str(e)) from e
+    except psycopg.OperationalError as e:
+        raise CliError("cannot reach the database: " + " ".join(str(e).split())) from e
+    out.print(f"partitions created: {', '.join(created) or 'none (all there already)'}", highlight=False)
+    if before is not None:
+        out.print(f"archived to schema archive: {', '.join(archived) or f'none before {before}'}", highlight=False)
+
+
 def main() -> None:
     """Entry point of the ``tagbus`` console script."""
     try:

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 
+from event_bus import partitions
 from event_bus.tailer import SlotReader
 from tagbus import aws, stack
 from tagbus.settings import REPO, Settings, load
 
 
 def migrate(settings: Settings, revision: str = "head") -> bool:
-    """Apply the migrations, then make sure the tailer's slot exists; ``True`` if the slot was new.
+    """Apply the migrations, make the partitions of events ahead, and make sure the tailer's
+    slot exists; ``True`` if the slot was new.
 
     The slot must exist before the bus accepts writes: events committed before its creation
-    would never be decoded.
+    would never be decoded. Partitions are made here too, so a bus that cannot create
+    them (a role that does not own the table) still starts with months ahead.
     """
     cfg = Config()
     cfg.set_main_option("script_location", str(REPO / "migrations"))
     cfg.set_main_option("sqlalchemy.url", settings.sqlalchemy_url().replace("%", "%%"))
     command.upgrade(cfg, revision)
+    with psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10) as conn:
+        if partitions.events_partitioned(conn):  # not at revisions before 0003
+            partitions.ensure_partitions(conn)
     tailer = settings.tailer()
     reader = SlotReader(settings.database_url, tailer.slot_name, tailer.publication)
     try:
