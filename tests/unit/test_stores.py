@@ -22,7 +22,7 @@ from projections.errors import ChangeRejected, StoreMisconfigured, StoreThrottle
 from projections.model import ConfigKey
 from projections.stores.base import Outcome
 from projections.stores.botocore_errors import translate
-from projections.stores.dynamodb import DynamoDBConfigStore
+from projections.stores.dynamodb import TRANSACT_MAX, TRANSACT_MIN, DynamoDBConfigStore
 from projections.stores.memory import MemoryConfigStore
 from projections.stores.ssm import SSMConfigStore
 from tests.unit.store_suite import T0, ConfigStoreSuite, change, new_tenant
@@ -97,9 +97,13 @@ class TestMemoryStore(ConfigStoreSuite):
 
 
 class TestDynamoDBStore(ConfigStoreSuite):
-    @pytest.fixture
-    def store(self, dynamodb_client: DynamoDBClient, dynamodb_table: str) -> DynamoDBConfigStore:
-        return DynamoDBConfigStore(dynamodb_client, table_name=dynamodb_table, clock=lambda: T0)
+    @pytest.fixture(params=[TRANSACT_MIN, 0], ids=["transactions", "puts"])
+    def store(
+        self, request: pytest.FixtureRequest, dynamodb_client: DynamoDBClient, dynamodb_table: str
+    ) -> DynamoDBConfigStore:
+        return DynamoDBConfigStore(
+            dynamodb_client, table_name=dynamodb_table, clock=lambda: T0, transact_min=request.param
+        )
 
     @pytest.fixture
     def tag(self) -> str:
@@ -132,6 +136,59 @@ class TestDynamoDBStore(ConfigStoreSuite):
         ttl = dynamodb_client.describe_time_to_live(TableName=store.table_name)["TimeToLiveDescription"]
         assert ttl.get("AttributeName") == "expires_at"
         assert ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING")
+
+    def test_large_batch_goes_out_as_transactions_with_stale_items_reported(
+        self, dynamodb_client: DynamoDBClient, dynamodb_table: str
+    ) -> None:
+        store = DynamoDBConfigStore(dynamodb_client, table_name=dynamodb_table, clock=lambda: T0)
+        tenant = new_tenant()
+        keys = [f"tenantconfig:k/{n:03d}" for n in range(TRANSACT_MAX + 30)]
+        # Every third key already holds a newer version: its put must come back STALE.
+        store.apply([change(tenant, key, 9, "newer") for key in keys[::3]])
+        calls: list[int] = []
+        counter = lambda params, **_: calls.append(len(params["TransactItems"]))  # noqa: E731
+        dynamodb_client.meta.events.register("provide-client-params.dynamodb.TransactWriteItems", counter)
+        try:
+            result = store.apply([change(tenant, key, 5, f"v{n}") for n, key in enumerate(keys)])
+        finally:
+            dynamodb_client.meta.events.unregister("provide-client-params.dynamodb.TransactWriteItems", counter)
+        outcomes = [r.outcome for r in result.results]
+        assert outcomes == [Outcome.STALE if n % 3 == 0 else Outcome.APPLIED for n in range(len(keys))]
+        assert calls and max(calls) <= TRANSACT_MAX, calls
+        for n, key in enumerate(keys):
+            item = store.get(tenant, ConfigKey.parse(key))
+            assert item is not None
+            assert (item.version, item.value) == ((9, "newer") if n % 3 == 0 else (5, f"v{n}"))
+
+    def test_a_bad_item_fails_alone_and_the_rest_of_the_transaction_lands(
+        self, dynamodb_client: DynamoDBClient, dynamodb_table: str
+    ) -> None:
+        store = DynamoDBConfigStore(dynamodb_client, table_name=dynamodb_table, clock=lambda: T0)
+        tenant = new_tenant()
+        changes = [change(tenant, f"tenantconfig:k{n}", 1, "small") for n in range(5)]
+        # Over DynamoDB's 400 KB item limit: the whole TransactWriteItems is refused.
+        changes[2] = change(tenant, "tenantconfig:huge", 1, "x" * 500_000)
+        result = store.apply(changes)
+        assert [r.outcome for r in result.results] == [Outcome.APPLIED] * 2 + [Outcome.FAILED] + [Outcome.APPLIED] * 2
+        assert isinstance(result.results[2].error, ChangeRejected)
+        assert store.get(tenant, ConfigKey.parse("tenantconfig:huge")) is None
+        assert store.get(tenant, ConfigKey.parse("tenantconfig:k4")) is not None
+
+    @pytest.mark.parametrize("bulk_write", ["transact", "batch"])
+    def test_bulk_put_writes_final_states_with_either_request(
+        self, dynamodb_client: DynamoDBClient, dynamodb_table: str, bulk_write: Any
+    ) -> None:
+        store = DynamoDBConfigStore(dynamodb_client, table_name=dynamodb_table, clock=lambda: T0, bulk_write=bulk_write)
+        tenant = new_tenant()
+        changes = [change(tenant, f"tenantconfig:b/{n:03d}", n + 1, {"n": n}) for n in range(TRANSACT_MAX + 7)]
+        changes.append(change(tenant, "tenantconfig:b/gone", 3, deleted=True))
+        assert store.bulk_put(changes, table=dynamodb_table) == len(changes)
+        page = store.list(tenant, "tenantconfig:b/", limit=1000)
+        assert [(str(i.key), i.version, i.value) for i in page.items] == [
+            (str(c.key), c.version, c.value) for c in changes[:-1]
+        ]
+        with pytest.raises(ChangeRejected):
+            store.bulk_put([change(tenant, "tenantconfig:b/bad", 1, 2**70)], table=dynamodb_table)
 
     def test_missing_table_is_misconfigured(self, dynamodb_client: DynamoDBClient) -> None:
         store = DynamoDBConfigStore(dynamodb_client, table_name=f"tagbus-missing-{uuid.uuid4().hex[:8]}")
