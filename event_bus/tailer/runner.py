@@ -12,13 +12,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from event_bus.pgoutput import format_lsn
 from event_bus.settings import TailerSettings
-from event_bus.tailer.decoder import ChangeDecoder
+from event_bus.tailer.decoder import ChangeDecoder, DecodedTransaction
 from event_bus.tailer.errors import DatabaseUnavailableError, LockUnavailableError, PublishInterruptedError
 from event_bus.tailer.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, TailerMetrics, start_metrics_server
 from event_bus.tailer.publisher import KinesisClient, KinesisPublisher
 from event_bus.tailer.sink import RecordSink
 from event_bus.tailer.slot import ADVISORY_LOCK_KEY, SlotReader, SlotStatus, TailerLock, libpq_url, mask_database_url
+from event_bus.tailer.stream import Keepalive, ReplicationStream
 
 LOG = logging.getLogger(__name__)
 
@@ -44,7 +46,9 @@ class LogTailer:
         sink: RecordSink | None = None,
         registry: CollectorRegistry | None = None,
         table: str = "events",
-        max_read_batch: int = 32_000,
+        max_read_batch: int = 5_000,
+        max_read_bytes: int = 8 * 1_048_576,
+        caught_up_wait_seconds: float = 0.25,
         lock_key: int = ADVISORY_LOCK_KEY,
         lock_retry_seconds: float = 1.0,
         lock_check_seconds: float = 1.0,
@@ -71,10 +75,14 @@ class LogTailer:
         self.sink = sink
         url = libpq_url(settings.database_url)
         self._reader = SlotReader(url, settings.slot_name, settings.publication)
+        self._stream = ReplicationStream(url, settings.slot_name, settings.publication)
         self._lock = TailerLock(url, key=lock_key)
         self._decoder = ChangeDecoder(table=table, metrics=self.metrics)
+        # A batch ends at the first commit past either bound: memory is bounded by the
+        # batch (and the largest transaction), whatever the backlog.
         self._max_read_batch = max(max_read_batch, settings.read_batch)
-        self._read_batch = settings.read_batch
+        self._max_read_bytes = max_read_bytes
+        self._caught_up_wait = caught_up_wait_seconds
         self._lock_retry_seconds = lock_retry_seconds
         self._lock_check_seconds = lock_check_seconds
         self._status_interval = status_interval_seconds
@@ -94,6 +102,7 @@ class LogTailer:
         self.close()
 
     def close(self) -> None:
+        self._close_stream()
         self._reader.close()
         self._lock.release()
         self._slot_ready = False
@@ -116,32 +125,43 @@ class LogTailer:
 
     # -- one cycle
 
-    def run_once(self) -> CycleResult:
-        """Peek whole transactions, publish their events, then advance the slot past them."""
+    def run_once(self, *, live: bool = False) -> CycleResult:
+        """Read whole transactions from the slot, publish their events, then confirm the slot past them.
+
+        By default the cycle reads everything committed before it started (or a batch's
+        worth) and returns once the slot's confirmed_flush_lsn shows the confirmation.
+        ``live=True`` is the relay loop's cycle: it waits up to the poll interval for the
+        first change, takes what has arrived, and does not wait for the server to apply
+        the confirmation.
+        """
         if not self.try_activate():
             raise LockUnavailableError("another tailer holds the lock")
         self._check_lock()
-        rows = self._reader.peek(self._read_batch)
-        # Whole transactions only come back, so a full batch means a backlog: read more per
-        # peek, since every peek re-decodes from the slot's restart_lsn.
-        if len(rows) >= self._read_batch:
-            self._read_batch = min(self._read_batch * 2, self._max_read_batch)
-        else:
-            self._read_batch = self.settings.read_batch
-        transactions = self._decoder.decode(rows)
-        events = [event for transaction in transactions for event in transaction.events]
+        try:
+            if live:
+                transactions = self._read_available(self.settings.poll_interval_seconds)
+            else:
+                transactions = self._read_until(self._reader.flushed_lsn())
+            events = [event for transaction in transactions for event in transaction.events]
+            if events:
+                self.sink.publish(events)
+            advanced_to = transactions[-1].end_lsn if transactions else None
+            if advanced_to is not None:
+                self._stream.confirm(advanced_to)
+        except BaseException:
+            # What was read but not confirmed is read again from the slot: restart the stream.
+            self._close_stream()
+            raise
         if events:
-            self.sink.publish(events)
             acked_at = self._clock()
             self.metrics.events_published.inc(len(events))
             self.metrics.last_publish_time.set(acked_at)
             for transaction in transactions:
                 if transaction.events:
                     self.metrics.commit_to_ack_seconds.observe(max(0.0, acked_at - transaction.commit_time.timestamp()))
-        advanced_to = None
-        if transactions:
-            advanced_to = transactions[-1].end_lsn
-            self._reader.advance(advanced_to)
+        if advanced_to is not None:
+            if not live and not self._reader.wait_confirmed(advanced_to):
+                LOG.warning("the server has not applied the slot confirmation to %s yet", format_lsn(advanced_to))
             self.metrics.last_advance_time.set(self._clock())
             self._last_progress = time.monotonic()
         self._refresh_status()
@@ -151,6 +171,60 @@ class LogTailer:
             heartbeats=sum(1 for t in transactions if t.heartbeat),
             advanced_to=advanced_to,
         )
+
+    def _read_until(self, target: int) -> list[DecodedTransaction]:
+        """Transactions until the server has sent everything before ``target`` (or a batch is full)."""
+        stream = self._started_stream()
+        stream.confirm(stream.confirmed, request_reply=True)  # a keepalive tells how far it has sent
+        batch = _Batch(self._max_read_batch, self._max_read_bytes)
+        decoder = self._decoder
+        sent_to: int | None = None
+        previous: int | None = None
+        while True:
+            message = stream.read(self._caught_up_wait)
+            if type(message) is bytes:
+                if batch.add(message, decoder.feed(message)):
+                    return batch.transactions
+            elif isinstance(message, Keepalive):
+                sent_to = message.wal_end
+                if sent_to >= target and not decoder.in_transaction:
+                    return batch.transactions
+            elif not decoder.in_transaction and sent_to is not None and sent_to == previous:
+                # Quiet, at a transaction boundary, and the server's position did not move:
+                # it sent all it has (a flush position inside a WAL record is never reached).
+                return batch.transactions
+            else:
+                previous = sent_to
+                stream.confirm(stream.confirmed, request_reply=True)
+
+    def _read_available(self, wait: float) -> list[DecodedTransaction]:
+        """What has arrived, waiting up to ``wait`` seconds for the first change; whole transactions."""
+        stream = self._started_stream()
+        batch = _Batch(self._max_read_batch, self._max_read_bytes)
+        decoder = self._decoder
+        timeout = wait
+        while True:
+            message = stream.read(timeout)
+            if message is None:
+                if decoder.in_transaction:
+                    continue  # the server is still sending this transaction
+                return batch.transactions
+            if type(message) is bytes:
+                if batch.add(message, decoder.feed(message)):
+                    return batch.transactions
+                # Once changes arrive, take only what is already here, or the rest of an
+                # open transaction (the server is still sending it).
+                timeout = wait if decoder.in_transaction else 0.0
+
+    def _started_stream(self) -> ReplicationStream:
+        if not self._stream.started:
+            self._decoder.reset()
+            self._stream.start()
+        return self._stream
+
+    def _close_stream(self) -> None:
+        self._stream.close()
+        self._decoder.reset()
 
     def drain(self, *, max_cycles: int = 1_000_000) -> CycleResult:
         """Run cycles until the slot has nothing more; the totals."""
@@ -208,14 +282,14 @@ class LogTailer:
                         level = logging.INFO if waiting_logged else logging.DEBUG
                         LOG.log(level, "tailer active on slot %s", self.settings.slot_name)
                         waiting_logged = False
-                    result = self.run_once()
+                    # The cycle itself waits (up to the poll interval) for the server to push
+                    # a change, so an idle loop needs no sleep and a commit is read at once.
+                    result = self.run_once(live=True)
                     failures = 0
                     if result.transactions:
                         continue
                     if time.monotonic() - self._last_progress >= self.settings.heartbeat_seconds:
                         self.emit_heartbeat()
-                        continue
-                    stop.wait(self.settings.poll_interval_seconds)
                 except PublishInterruptedError:
                     break
                 except DatabaseUnavailableError as exc:
@@ -232,7 +306,9 @@ class LogTailer:
         self._stop.set()
 
     def _wait_or_stop(self, seconds: float) -> bool:
-        # Looks the event up at call time: run(stop) may swap in the caller's event.
+        # Looks the event up at call time: run(stop) may swap in the caller's event. While the
+        # publisher backs off, the replication connection still owes the server status updates.
+        self._stream.keep_alive()
         return self._stop.wait(seconds)
 
     def _check_lock(self) -> None:
@@ -249,6 +325,28 @@ class LogTailer:
         status = self._reader.status()
         if status is not None:
             self.metrics.slot_lag_bytes.set(status.lag_bytes)
+
+
+class _Batch:
+    """Transactions read in one cycle, and whether the batch is full."""
+
+    __slots__ = ("_max_bytes", "_max_changes", "bytes", "changes", "transactions")
+
+    def __init__(self, max_changes: int, max_bytes: int) -> None:
+        self._max_changes = max_changes
+        self._max_bytes = max_bytes
+        self.changes = 0
+        self.bytes = 0
+        self.transactions: list[DecodedTransaction] = []
+
+    def add(self, message: bytes, completed: DecodedTransaction | None) -> bool:
+        """Count ``message``; keep the transaction it completed; ``True`` when the batch is full."""
+        self.changes += 1
+        self.bytes += len(message)
+        if completed is None:
+            return False
+        self.transactions.append(completed)
+        return self.changes >= self._max_changes or self.bytes >= self._max_bytes
 
 
 def run_tailer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -193,6 +194,31 @@ class SlotReader:
         """Commit a transaction holding only a heartbeat message, which the slot can advance past."""
         with _translate:
             self.connection.execute("SELECT pg_logical_emit_message(true, %s::text, ''::text)", (HEARTBEAT_PREFIX,))
+
+    def flushed_lsn(self) -> int:
+        """The server's WAL flush position: every transaction committed so far ends at or before it."""
+        with _translate:
+            row = self.connection.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+        assert row is not None
+        return parse_lsn(row[0])
+
+    def wait_confirmed(self, lsn: int, *, timeout: float = 5.0) -> bool:
+        """Wait until the slot's confirmed_flush_lsn reached ``lsn`` (a replication stream's
+        status update is applied by its walsender asynchronously); ``False`` on timeout."""
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            with _translate:
+                row = self.connection.execute(
+                    "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                    (format_lsn(lsn), self.slot_name),
+                ).fetchone()
+            if row is not None and row[0]:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
 
     def status(self) -> SlotStatus | None:
         with _translate:
