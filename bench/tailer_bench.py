@@ -4,8 +4,10 @@
    in slots created before it. ``LogTailer.drain()`` with a :class:`NullSink` (peek batches,
    decode into StoredEvents, advance) versus PostgreSQL's own pgoutput decoding of the whole
    backlog in one ``pg_logical_slot_peek_binary_changes`` with the same options, counted
-   server-side (nothing crosses the wire). Raw and tailer runs alternate; each tailer run
-   drains a fresh copy (``pg_copy_logical_replication_slot``) of the backlog's slot.
+   server-side (nothing crosses the wire), and versus the fairer client-side ceiling of the
+   tailer's own route: the slot streamed over the replication protocol to this process and
+   dropped undecoded. Raw, stream and tailer runs alternate; each run reads a fresh copy
+   (``pg_copy_logical_replication_slot``) of the backlog's slot.
 2. **publish**: the tailer draining the last N events of the backlog into a private
    kinesis-mock (streams of 1 and 4 shards, without and with KPL aggregation) versus raw
    ``PutRecords`` of the very same records (500 records / 5 MiB a request, one client)
@@ -55,6 +57,7 @@ from bench import BenchOptions
 from event_bus.envelope import StoredEvent
 from event_bus.settings import TailerSettings
 from event_bus.tailer import ChangeDecoder, KinesisPublisher, LogTailer, NullSink, SlotReader, TailerMetrics
+from event_bus.tailer.stream import ReplicationStream
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,6 +252,7 @@ def read_events(url: str, slot: str) -> list[StoredEvent]:
 def measure_decode(url: str, backlog: Backlog, sizes: Sizes) -> dict[str, Any]:
     """Raw server-side peek of the whole backlog versus a null-sink drain, alternating."""
     raw_rates: list[float] = []
+    stream_rates: list[float] = []
     drain_rates: list[float] = []
     messages = 0
     with psycopg.connect(url, autocommit=True) as admin:
@@ -257,6 +261,10 @@ def measure_decode(url: str, backlog: Backlog, sizes: Sizes) -> dict[str, Any]:
                 started = time.perf_counter()
                 [(messages,)] = admin.execute(RAW_PEEK, (raw_slot,)).fetchall()
                 raw_rates.append(backlog.events / (time.perf_counter() - started))
+            with slot_copy(admin, backlog.full_slot) as stream_slot:
+                started = time.perf_counter()
+                stream_messages(url, stream_slot, int(messages))
+                stream_rates.append(backlog.events / (time.perf_counter() - started))
             with slot_copy(admin, backlog.full_slot) as slot:
                 sink = NullSink()
                 settings = tailer_settings(url, slot, sizes)
@@ -269,7 +277,10 @@ def measure_decode(url: str, backlog: Backlog, sizes: Sizes) -> dict[str, Any]:
                 if result.events != backlog.events or sink.count != backlog.events:
                     raise RuntimeError(f"drain saw {result.events} events, expected {backlog.events}")
                 drain_rates.append(backlog.events / elapsed)
-            print(f"  decode round {round_ + 1}: raw {raw_rates[-1]:,.0f}/s, tailer {drain_rates[-1]:,.0f}/s")
+            print(
+                f"  decode round {round_ + 1}: raw {raw_rates[-1]:,.0f}/s, stream to client {stream_rates[-1]:,.0f}/s,"
+                f" tailer {drain_rates[-1]:,.0f}/s"
+            )
         # Where the tailer's time goes: the rows over the wire, then pgoutput → StoredEvent in Python.
         with slot_copy(admin, backlog.full_slot) as slot:
             reader = SlotReader(url, slot, PUBLICATION)
@@ -284,6 +295,7 @@ def measure_decode(url: str, backlog: Backlog, sizes: Sizes) -> dict[str, Any]:
         python_decode = decoded / (time.perf_counter() - started)
         del rows
     raw = statistics.mean(raw_rates)
+    streamed = statistics.mean(stream_rates)
     drain = statistics.mean(drain_rates)
     return {
         "events": backlog.events,
@@ -295,12 +307,34 @@ def measure_decode(url: str, backlog: Backlog, sizes: Sizes) -> dict[str, Any]:
         "tailer_events_per_s": round(drain),
         "tailer_rounds_per_s": [round(r) for r in drain_rates],
         "ratio_to_raw": round(drain / raw, 3),
+        "stream_events_per_s": round(streamed),
+        "stream_rounds_per_s": [round(r) for r in stream_rates],
+        "ratio_to_stream": round(drain / streamed, 3),
         "fetch_events_per_s": round(fetch),
         "python_decode_events_per_s": round(python_decode),
         "read_batch": sizes.read_batch,
         "meets_ratio": drain / raw >= TARGET_DECODE_RATIO,
         "meets_rate": drain >= TARGET_NULL_SINK_PER_S,
     }
+
+
+def stream_messages(url: str, slot: str, messages: int, timeout: float = 600.0) -> None:
+    """The tailer's route without the tailer: the slot's pgoutput messages streamed to this
+    process over the replication protocol and dropped, undecoded (the fair raw ceiling of
+    the client side: the walsender's decoding plus the transfer)."""
+    stream = ReplicationStream(url, slot, PUBLICATION)
+    stream.start()
+    try:
+        received = 0
+        deadline = time.monotonic() + timeout
+        while received < messages:
+            message = stream.read(1.0)
+            if type(message) is bytes:
+                received += 1
+            elif time.monotonic() > deadline:
+                raise RuntimeError(f"streamed {received} of {messages} messages in {timeout}s")
+    finally:
+        stream.close()
 
 
 # --------------------------------------------------------------------------- a private kinesis-mock
@@ -941,7 +975,14 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             f"{d['raw_events_per_s']:,} events/s ({d['raw_messages_per_s']:,} msgs/s) server-side peek",
             f"{d['ratio_to_raw']:.2f}",
             f">= 0.70: {_ok(d['meets_ratio'])}; >= 50,000/s: {_ok(d['meets_rate'])}",
-        )
+        ),
+        (
+            "decode: the same drain against the stream received undecoded",
+            f"{d['tailer_events_per_s']:,} events/s",
+            f"{d['stream_events_per_s']:,} events/s: slot streamed to the client, no decoding",
+            f"{d['ratio_to_stream']:.2f}",
+            "",
+        ),
     ]
     for p in r["publish"]:
         mode = "aggregated" if p["aggregate"] else "plain"
