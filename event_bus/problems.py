@@ -73,6 +73,11 @@ def conflict(slug: str, detail: str, **extra: Any) -> Problem:
     return Problem(409, slug, "Conflict", detail, extra=extra)
 
 
+def request_timeout(detail: str) -> Problem:
+    # The connection is closed after it: the rest of a slow body is not worth reading.
+    return Problem(408, "request-timeout", "Request timeout", detail, headers={"Connection": "close"})
+
+
 def too_large(detail: str) -> Problem:
     return Problem(413, "too-large", "Payload too large", detail)
 

@@ -244,13 +244,12 @@ def bus(
     """Run the event bus (HTTP ingest and read API) in the foreground."""
     import logging
 
-    import uvicorn
-
+    from event_bus.server import ServerSettings, serve
     from tagbus.compose import bus_app
 
     s = _settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(bus_app(s), host=host, port=s.http_port, access_log=False, log_level="warning")
+    serve(bus_app(s), ServerSettings(host=host, port=s.http_port))
 
 
 @app.command()

@@ -1,0 +1,162 @@
+"""The bus's HTTP server: uvicorn with the limits that keep a hostile client from holding it.
+
+uvicorn bounds an idle kept-alive connection, but not a request whose line and headers
+trickle in (slowloris): a fresh connection, or one that sent the first byte of its next
+request, could hold a socket and a parser forever, and its headers could grow without
+limit. :class:`BoundedHttpProtocol` adds both bounds and answers them, like every parser
+error, in the contract's ``application/problem+json``. A slow *body* is bounded by the app
+(``create_app(..., body_timeout_seconds=…)`` answers ``408``), which owns body reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from event_bus.problems import PROBLEM_CONTENT_TYPE, Problem
+
+_HEADER_TIMEOUT_SECONDS = 10.0
+_MAX_HEADER_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Where the bus listens and the limits its HTTP server enforces per connection."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: A request's line and headers must arrive within this time, on a new connection and
+    #: on a kept-alive one alike.
+    header_timeout_seconds: float = _HEADER_TIMEOUT_SECONDS
+    #: Request line plus headers; past it the answer is ``431``.
+    max_header_bytes: int = _MAX_HEADER_BYTES
+    #: Idle time between two requests of one connection (uvicorn's own timer).
+    keep_alive_seconds: int = 5
+    graceful_shutdown_seconds: int = 10
+    log_level: str = "warning"
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size cap on request heads."""
+
+    header_timeout_seconds: float = _HEADER_TIMEOUT_SECONDS
+    max_header_bytes: int = _MAX_HEADER_BYTES
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._head_started = False
+        self._head_too_large = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._head_started = True
+        self._head_too_large = False
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        self._head_started = False
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # Every request uvicorn refuses before the app sees it (bad syntax, a head too large).
+        if self._head_too_large:
+            problem = Problem(
+                431,
+                "headers-too-large",
+                "Request header fields too large",
+                f"the limit is {self.max_header_bytes} bytes",
+            )
+        else:
+            problem = Problem(400, "bad-request", "Bad request", msg)
+        self._write_problem(problem)
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_header_bytes:
+            self._head_too_large = True
+            # httptools turns an exception raised in a callback into a parser error, which
+            # uvicorn answers through ``send_400_response`` and then stops reading.
+            raise ValueError("request head too large")
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.header_timeout_seconds, self._on_head_timeout)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _on_head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_started:
+            timeout = f"the request head did not arrive within {self.header_timeout_seconds:g} s"
+            self._write_problem(Problem(408, "request-timeout", "Request timeout", timeout))
+        else:
+            self.transport.close()  # a connection that never sent a byte gets no answer
+
+    def _write_problem(self, problem: Problem) -> None:
+        body = orjson.dumps(problem.to_json())
+        head = [f"HTTP/1.1 {problem.status} {problem.title}".encode()]
+        for name, value in self.server_state.default_headers:
+            head.append(name + b": " + value)
+        head += [
+            f"content-type: {PROBLEM_CONTENT_TYPE}".encode(),
+            f"content-length: {len(body)}".encode(),
+            b"connection: close",
+        ]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.transport.close()
+
+
+def build_server(app: Any, settings: ServerSettings) -> uvicorn.Server:
+    """A uvicorn server for ``app`` with the bus's limits (not started)."""
+    protocol = type(
+        "BusHttpProtocol",
+        (BoundedHttpProtocol,),
+        {"header_timeout_seconds": settings.header_timeout_seconds, "max_header_bytes": settings.max_header_bytes},
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=protocol,
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_keep_alive=settings.keep_alive_seconds,
+        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
+        lifespan="on",
+    )
+    return uvicorn.Server(config)
+
+
+def serve(app: Any, settings: ServerSettings) -> None:
+    """Run the bus in the foreground until SIGINT/SIGTERM."""
+    build_server(app, settings).run()
