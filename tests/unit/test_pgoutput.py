@@ -23,6 +23,8 @@ from event_bus.pgoutput import (
     TupleValue,
     decode_message,
     format_lsn,
+    insert_relation_id,
+    insert_text_values,
     parse_lsn,
 )
 from event_bus.tailer import ChangeDecoder
@@ -217,3 +219,37 @@ def test_begin_commit_round_trip(lsn: int, micros: int, xid: int, end: int) -> N
 def test_garbage_never_crashes_with_anything_but_pgoutput_error(data: bytes) -> None:
     with contextlib.suppress(PgOutputError):
         decode_message(data)
+
+
+# ---------------------------------------------------------------- the tailer's insert fast path
+
+text_values: st.SearchStrategy[str | None] = st.one_of(st.none(), st.text(max_size=50))
+
+
+@given(relation_id=st.integers(0, 2**32 - 1), row=st.lists(text_values, max_size=20), data=st.data())
+def test_insert_fast_path_agrees_with_decode_message(
+    relation_id: int, row: list[str | None], data: st.DataObject
+) -> None:
+    encoded = encode_insert(Insert(relation_id, tuple(row)))
+    count = data.draw(st.integers(0, len(row)))
+    assert insert_relation_id(encoded) == relation_id
+    assert insert_text_values(encoded, count) == row[:count]
+
+
+def test_insert_fast_path_refuses_what_it_does_not_read() -> None:
+    binary = encode_insert(Insert(7, ("a", b"\x00\x01")))
+    with pytest.raises(PgOutputError, match="kind 'b'"):
+        insert_text_values(binary, 2)
+    toast = encode_insert(Insert(7, ("a", UNCHANGED_TOAST)))
+    with pytest.raises(PgOutputError, match="kind 'u'"):
+        insert_text_values(toast, 1)  # columns past ``count`` are still checked
+    with pytest.raises(PgOutputError, match="fewer"):
+        insert_text_values(encode_insert(Insert(7, ("a",))), 2)
+    with pytest.raises(PgOutputError, match="ends at"):
+        insert_text_values(encode_insert(Insert(7, ("a",))) + b"x", 1)
+
+
+@given(st.binary(max_size=64))
+def test_insert_fast_path_garbage_raises_pgoutput_error(data: bytes) -> None:
+    with contextlib.suppress(PgOutputError):
+        insert_text_values(b"I" + data, 3)
