@@ -187,7 +187,7 @@ def test_metadata_becomes_envelope_fields(database_url: str, slot_name: str, tai
 def test_failed_publish_does_not_advance_and_rerun_resends(
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
-    # read_batch=4: each peek stops at the first commit after 4 messages → one transaction per cycle.
+    # read_batch=4: each batch stops at the first commit after 4 messages → one transaction per cycle.
     failing = RecordingSink(fail_on_call=3, ack_before_failing=1)
     tailer = make_tailer(database_url, slot_name, failing, read_batch=4, max_read_batch=4)
     tailers.append(tailer)
@@ -208,6 +208,51 @@ def test_failed_publish_does_not_advance_and_rerun_resends(
     tailers.append(rerun)
     rerun.drain()
     assert [e.id for e in healthy.events] == ["e2a", "e2b", "e3a", "e3b", "e4a", "e4b"]
+
+
+def test_batches_end_at_the_first_commit_past_the_byte_bound(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    sink = RecordingSink()
+    tailer = make_tailer(database_url, slot_name, sink, max_read_bytes=1)
+    tailers.append(tailer)
+    tailer.try_activate()
+    commit_events(database_url, [("b1", "b", 1), ("b2", "b", 2)], [("b3", "b", 3)])
+    first = tailer.run_once()
+    assert (first.transactions, first.events) == (1, 2)  # a transaction is never cut in two
+    second = tailer.run_once()
+    assert (second.transactions, second.events) == (1, 1)
+    assert confirmed_flush(database_url, slot_name) == second.advanced_to
+    assert [e.id for e in sink.events] == ["b1", "b2", "b3"]
+
+
+def test_a_dropped_replication_connection_resumes_at_the_confirmed_position(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    sink = RecordingSink()
+    tailer = make_tailer(database_url, slot_name, sink, poll_interval_seconds=0.02, reconnect_backoff_cap_seconds=0.5)
+    tailers.append(tailer)
+    assert tailer.try_activate()  # the slot exists before the first commit
+    stop = threading.Event()
+    thread = threading.Thread(target=tailer.run, args=(stop,))
+    thread.start()
+    try:
+        commit_events(database_url, [("d1", "d", 1)])
+        wait_for(lambda: [e.id for e in sink.events] == ["d1"])
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            [(terminated,)] = conn.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s",
+                (slot_name,),
+            ).fetchall()
+        assert terminated
+        commit_events(database_url, [("d2", "d", 2)], [("d3", "d", 3)])
+        wait_for(lambda: [e.id for e in sink.events][-2:] == ["d2", "d3"])
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    # At least once, in order: d1 was confirmed before the drop, so it is not sent again.
+    assert [e.id for e in sink.events] == ["d1", "d2", "d3"]
 
 
 def test_oversize_record_is_loud_and_blocks(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
