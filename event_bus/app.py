@@ -41,7 +41,7 @@ from event_bus.problems import (
 from event_bus.quotas import QuotaGate
 from event_bus.settings import BusSettings
 from event_bus.store import AppendResult, EventStore, IdConflict, StoreUnavailable, VersionConflict
-from event_bus.validation import NewEvent, decode_json, parse_config_key, parse_event
+from event_bus.validation import NewEvent, decode_json, may_prefix_config_key, parse_config_key, parse_event
 
 log = logging.getLogger("tagbus.bus")
 
@@ -605,7 +605,11 @@ def create_app(
             parse_config_key(key, registered_tags)
         except ValueError as e:
             raise not_found(f"no config key {key!r}: {e}") from e
-        item = await anyio.to_thread.run_sync(_reader(config_reader).get, principal.tenant, key)
+        reader = _reader(config_reader)
+        try:
+            item = await anyio.to_thread.run_sync(reader.get, principal.tenant, key)
+        except Exception as e:
+            raise _read_model_unavailable(e) from e
         if item is None:
             raise not_found(f"no config key {key!r}")
         return _json(dict(item))
@@ -619,14 +623,27 @@ def create_app(
             raise Problem(422, "bad-parameter", "Bad query parameter", "prefix: control characters are not allowed")
         limit = _int_param(request, "limit", 100, minimum=1, maximum=_MAX_PAGE)
         start_after = request.query_params.get("after")
+        if start_after is not None:
+            try:
+                parse_config_key(start_after, registered_tags)
+            except ValueError as e:
+                detail = f"after: a key, the 'next' of the previous page ({e})"
+                raise Problem(422, "bad-parameter", "Bad query parameter", detail) from e
+        reader = _reader(config_reader)
+        if not may_prefix_config_key(prefix, registered_tags):
+            # No key can start with it: nothing to ask the read models (an unknown tag, a
+            # character no key holds, a path no store should be handed).
+            return _json({"prefix": prefix, "items": [], "next": None})
 
         def page() -> tuple[list[Mapping[str, Any]], str | None]:
-            return _reader(config_reader).list(principal.tenant, prefix, limit=limit, start_after=start_after)
+            return reader.list(principal.tenant, prefix, limit=limit, start_after=start_after)
 
         try:
             items, nxt = await anyio.to_thread.run_sync(page)
         except ValueError as e:
             raise Problem(422, "bad-parameter", "Bad query parameter", f"prefix: {e}") from e
+        except Exception as e:
+            raise _read_model_unavailable(e) from e
         return _json({"prefix": prefix, "items": [dict(i) for i in items], "next": nxt})
 
     @app.get("/healthz", summary="Liveness")
@@ -680,6 +697,13 @@ def _reader(reader: ConfigReader | None) -> ConfigReader:
     if reader is None:
         raise unavailable("no config read model is configured")
     return reader
+
+
+def _read_model_unavailable(error: Exception) -> Problem:
+    # The read models' errors are the projections' types, which the bus does not import:
+    # whatever fails behind the port (a store down, throttled) is answered as unavailable.
+    log.warning("config read model failed: %s: %s", type(error).__name__, error)
+    return unavailable("the config read model is unavailable; retry later", retry_after=2)
 
 
 def _int_param(request: Request, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:

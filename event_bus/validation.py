@@ -39,6 +39,8 @@ _ASSIGNED = {"version", "recordedat", "position"}
 # Used with ``fullmatch``: ``$`` would also match before a trailing newline ("a\n").
 _EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
+# What may follow ``<tag>:`` in a prefix of some valid key: whole segments, then part of one.
+_PATH_PREFIX = re.compile(r"([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]*")
 _SOURCE = re.compile(r"\S+")
 # Ids and streams are addressed by URL paths (``GET /v1/events/{id}``, where a newline cannot
 # be routed), echoed in ``Location`` headers and logged: no C0/C1 control characters.
@@ -198,7 +200,8 @@ def parse_event(
         metadata["datacontenttype"] = content_type
     extensions: dict[str, Any] = {}
     for name, value in body.items():
-        if name in _CORE or name in _OURS:
+        if name in _CORE or name in _OURS or value is None:
+            # An attribute sent as null is unset (CloudEvents JSON format, 2.2).
             continue
         if name == "data_base64":
             err(name, "binary data is not supported; send JSON in 'data'")
@@ -241,6 +244,10 @@ def parse_event(
 
 def parse_config_key(key: str, tags: Collection[str]) -> tuple[str, str]:
     """Split ``<tag>:<path>``; raise ``ValueError`` with a one-line reason if invalid."""
+    if len(key) > MAX_STREAM_CHARS:
+        # The key is the event's stream; the read models' key limits lie above this one
+        # (DynamoDB: a sort key of 1,024 bytes), so a key they would refuse is refused here.
+        raise ValueError(f"a config key is at most {MAX_STREAM_CHARS} characters")
     tag, sep, path = key.partition(":")
     if not sep or not tag:
         raise ValueError("a config key is '<tag>:<path>'")
@@ -250,6 +257,16 @@ def parse_config_key(key: str, tags: Collection[str]) -> tuple[str, str]:
     if not path or not all(_PATH_SEGMENT.fullmatch(s) for s in segments):
         raise ValueError("the path is '/'-separated segments of letters, digits, '_', '.' and '-'")
     return tag, path
+
+
+def may_prefix_config_key(prefix: str, tags: Collection[str]) -> bool:
+    """Whether some valid config key starts with ``prefix`` (else a listing is empty as is)."""
+    if len(prefix) > MAX_STREAM_CHARS:
+        return False
+    tag, sep, path = prefix.partition(":")
+    if not sep:
+        return any(t.startswith(tag) for t in tags)
+    return tag in tags and _PATH_PREFIX.fullmatch(path) is not None
 
 
 def _config_key(event_type: str, data: object, tags: Collection[str], err: Any) -> str | None:
@@ -294,8 +311,19 @@ def _time(value: object, err: Any) -> datetime | None:
 
 
 def _digest(body: Mapping[str, Any]) -> str:
-    canonical = {k: v for k, v in body.items() if k != "tenantid"}
+    # What the event says, not how it was spelled: an attribute sent as null is the same as
+    # one left out, so a repeat that leaves it out is an exact repeat. ``data`` is the
+    # exception: a null payload is distinct from none (CloudEvents JSON format, 3.1.1).
+    canonical = {k: v for k, v in body.items() if k != "tenantid" and (v is not None or k == "data")}
     return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-__all__ = ["MAX_EVENT_BYTES", "NewEvent", "Problem", "decode_json", "parse_config_key", "parse_event"]
+__all__ = [
+    "MAX_EVENT_BYTES",
+    "NewEvent",
+    "Problem",
+    "decode_json",
+    "may_prefix_config_key",
+    "parse_config_key",
+    "parse_event",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -11,7 +12,10 @@ import httpx
 import jwt
 import psycopg
 
-from tests.fixtures.bus import SECRET, RunningBus
+from event_bus.app import create_app
+from event_bus.auth import issue_dev_token
+from event_bus.settings import BusSettings
+from tests.fixtures.bus import SECRET, TAGS, RunningBus, _free_port, serve
 
 
 def event(**fields: Any) -> dict[str, Any]:
@@ -187,3 +191,64 @@ def test_operability_endpoints(bus: RunningBus) -> None:
         client.post("/v1/events", json=event())
     metrics = httpx.get(f"{bus.base_url}/metrics").text
     assert 'tagbus_http_requests_total{route="post_event",status="201",tier="enterprise"}' in metrics
+
+
+class _FailingReader:
+    """A config read side whose store is down."""
+
+    def get(self, tenant: str, key: str) -> Mapping[str, Any] | None:
+        raise ConnectionError("read model unreachable")
+
+    def list(
+        self, tenant: str, prefix: str, *, limit: int, start_after: str | None
+    ) -> tuple[list[Mapping[str, Any]], str | None]:
+        raise ConnectionError("read model unreachable")
+
+
+class _UnknownTagReader(_FailingReader):
+    """Lists like the tag router: a prefix naming an unregistered tag raises (not a ValueError)."""
+
+    def list(
+        self, tenant: str, prefix: str, *, limit: int, start_after: str | None
+    ) -> tuple[list[Mapping[str, Any]], str | None]:
+        if ":" in prefix and prefix.partition(":")[0] not in TAGS:
+            raise LookupError(f"no store for {prefix}")
+        return [], None
+
+
+def _bus_with_reader(bus_settings: BusSettings, reader: Any) -> Iterator[str]:
+    port = _free_port()
+    stop = serve(create_app(bus_settings, tags=TAGS, config_reader=reader), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop()
+
+
+def test_config_read_model_failures_are_503(bus_settings: BusSettings) -> None:
+    # Were 500s: the read side's errors escaped the handlers.
+    for base_url in _bus_with_reader(bus_settings, _FailingReader()):
+        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {_token('acme')}"}) as client:
+            for response in (client.get("/v1/config/tenantconfig:a"), client.get("/v1/config?prefix=tenantconfig:")):
+                assert response.status_code == 503, response.text
+                assert response.headers["content-type"] == "application/problem+json"
+                assert int(response.headers["retry-after"]) >= 1
+
+
+def test_config_listing_checks_prefix_and_cursor(bus_settings: BusSettings) -> None:
+    for base_url in _bus_with_reader(bus_settings, _UnknownTagReader()):
+        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {_token('acme')}"}) as client:
+            # Was a 500 (the router's UnknownTag): no key can start with it, so the page is empty.
+            for prefix in ("acme:", "nosuchtag:x", "tenantconfig:a b", "tenantconfig:" + "a" * 600, "tenant"):
+                response = client.get("/v1/config", params={"prefix": prefix})
+                assert response.status_code == 200 and response.json()["items"] == [], (prefix, response.text)
+            # The cursor is a key (the previous page's ``next``): anything else went to the stores as is.
+            for after in ("", "%", "tenantconfig:", "x" * 2_000):
+                response = client.get("/v1/config", params={"prefix": "tenantconfig:", "after": after})
+                assert response.status_code == 422 and "after" in response.json()["detail"], after
+            # A key longer than any stream cannot exist: 404 without asking the read model.
+            assert client.get("/v1/config/tenantconfig:" + "a" * 600).status_code == 404
+
+
+def _token(tenant: str) -> str:
+    return issue_dev_token(SECRET, tenant=tenant, tier="enterprise", scope="config:read", now=time.time())

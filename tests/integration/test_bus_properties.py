@@ -129,7 +129,22 @@ def envelopes(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         body["tenantid"] = TENANT
     body.update(draw(st.dictionaries(extension_names, extension_values, max_size=4)))
+    # Attributes sent as null are unset (CloudEvents JSON format): any unused one may be.
+    unset = sorted(NULLABLE - body.keys()) + draw(st.lists(extension_names, max_size=2))
+    for name in draw(st.lists(st.sampled_from(unset), max_size=4, unique=True)):
+        body.setdefault(name, None)
     return body
+
+
+#: Optional attributes, and ours, that a producer may send as null to mean "unset".
+NULLABLE = {"subject", "time", "datacontenttype", "tenantid", "streamid", "expectedversion"} | {
+    "correlationid",
+    "causationid",
+    "version",
+    "recordedat",
+    "position",
+    "data_base64",
+}
 
 
 def same_json(sent: Any, back: Any) -> bool:
@@ -187,16 +202,20 @@ def test_valid_envelopes_round_trip_exactly(client: httpx.Client, body: dict[str
     assert read.status_code == 200, read.text
     back = read.json()
     added = {"version": result["version"], "recordedat": back["recordedat"], "tenantid": TENANT, "streamid": stream}
-    expected = {k: v for k, v in sent.items() if k != "time" and not (k == "data" and v is None)} | added
+    # Null attributes are unset. A null ``data`` should come back (it is a payload), but the
+    # store keeps it as SQL NULL: see test_null_data_round_trips.
+    expected = {k: v for k, v in sent.items() if k != "time" and v is not None} | added
     actual = {k: v for k, v in back.items() if k != "time"}
     assert same_json(expected, actual), (expected, actual)
-    if "time" in sent:  # an instant: the bus answers it in UTC
+    if sent.get("time") is not None:  # an instant: the bus answers it in UTC
         assert datetime.fromisoformat(back["time"]) == datetime.fromisoformat(sent["time"])
     else:
         assert "time" not in back
-    # An exact repeat is answered from the stored row.
+    # An exact repeat is answered from the stored row, also when it leaves out what was null.
     again = post(client, sent)
     assert again.status_code == 200 and again.json() == result
+    spelled_otherwise = {k: v for k, v in sent.items() if v is not None or k == "data"}
+    assert post(client, spelled_otherwise).json() == result
 
 
 @PROPERTY_SETTINGS
@@ -533,3 +552,46 @@ def test_trailing_newlines_do_not_pass_the_patterns(client: httpx.Client) -> Non
     ]
     for sent in cases:
         assert_problem(post(client, sent), 422)
+
+
+def test_null_attributes_are_unset_not_invalid(client: httpx.Client) -> None:
+    # Extensions sent as null were a 422, and a repeat without the null attributes a 409.
+    sent = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/t", "type": "t", "subject": None}
+    sent |= {"myext": None, "version": None, "data_base64": None, "Bad-Name": None, "tenantid": None}
+    created = post(client, sent)
+    assert created.status_code == 201, created.text
+    assert post(client, {k: v for k, v in sent.items() if v is not None}).status_code == 200
+    back = client.get(created.headers["location"]).json()
+    assert not {"myext", "version", "data_base64", "Bad-Name", "subject"} & {k for k, v in back.items() if v is None}
+    assert "myext" not in back and back["version"] == 1
+
+
+def test_null_data_is_not_absent_data(client: httpx.Client) -> None:
+    # CloudEvents JSON format 3.1.1: a null payload is distinct from no payload.
+    event_id = str(uuid.uuid4())
+    assert (
+        post(client, {"specversion": "1.0", "id": event_id, "source": "/t", "type": "t", "data": None}).status_code
+        == 201
+    )
+    without = post(client, {"specversion": "1.0", "id": event_id, "source": "/t", "type": "t"})
+    assert_problem(without, 409)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the store writes data null as SQL NULL and StoredEvent drops it: needs store.py/envelope.py",
+)
+def test_null_data_round_trips(client: httpx.Client) -> None:
+    event_id = str(uuid.uuid4())
+    created = post(client, {"specversion": "1.0", "id": event_id, "source": "/t", "type": "t", "data": None})
+    back = client.get(created.headers["location"]).json()
+    assert "data" in back and back["data"] is None
+
+
+def test_config_keys_longer_than_a_stream_are_422(client: httpx.Client) -> None:
+    # Was stored, and then refused by DynamoDB (sort keys ≤ 1,024 bytes) on every projection.
+    key = "tenantconfig:" + "a" * 600
+    sent = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/t", "type": "config.set"}
+    response = post(client, sent | {"data": {"key": key, "value": 1}})
+    assert_problem(response, 422)
+    assert response.json()["errors"][0]["field"] == "/data/key"
