@@ -7,12 +7,18 @@ Tailer checks peek the slot with the tailer's own :class:`SlotReader` and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,7 +28,7 @@ from alembic.config import Config
 from psycopg import sql
 
 from event_bus.envelope import StoredEvent
-from event_bus.partitions import Month, PartitionError, detach_before, ensure_partitions
+from event_bus.partitions import Month, PartitionError, PartitionKeeper, detach_before, ensure_partitions
 from event_bus.schema import PUBLICATION
 from event_bus.tailer import ChangeDecoder, SlotReader
 from tests.fixtures.bus import RunningBus
@@ -291,3 +297,54 @@ def test_expected_version_events_are_idempotent_too(bus: RunningBus) -> None:
         changed = client.post("/v1/events", json=first | {"data": 1})
     assert (created.status_code, repeat.status_code, changed.status_code) == (201, 200, 409)
     assert repeat.json() == created.json()
+
+
+def test_the_keeper_makes_a_missing_month_again_on_its_next_round(database_url: str) -> None:
+    ahead = Month.of(datetime.now(UTC)).plus(2)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        ensure_partitions(conn, 3)
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(ahead.table)))  # empty, months ahead
+
+    async def rounds() -> bool:
+        keeper = PartitionKeeper(database_url, interval=0.05)
+        await keeper.start()
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with psycopg.connect(database_url) as conn:
+                    if conn.execute("SELECT to_regclass(%s)", (ahead.table,)).fetchone() != (None,):
+                        return True
+                await asyncio.sleep(0.05)
+            return False
+        finally:
+            await keeper.stop()
+
+    assert asyncio.run(rounds())
+
+
+def test_tagbus_maintain_prints_what_it_did_and_one_line_errors(database_url: str, tmp_path: Path) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(database_url)
+    url = f"postgresql://{params['user']}@{params['host']}:{params['port']}/{params['dbname']}"
+    env = {**os.environ, "TAGBUS_DATABASE_URL": url, "TAGBUS_HOME": str(tmp_path)}
+    tagbus = [sys.executable, "-m", "tagbus"]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        ensure_partitions(conn, 0, now=datetime(2024, 6, 1, tzinfo=UTC))
+
+    made = subprocess.run(
+        [*tagbus, "maintain", "--months-ahead", "5"], check=False, env=env, capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    assert Month.of(datetime.now(UTC)).plus(5).table in made.stdout
+
+    archived = subprocess.run(
+        [*tagbus, "maintain", "--archive-before", "2024-07"], check=False, env=env, capture_output=True, text=True
+    )
+    assert archived.returncode == 0, archived.stderr
+    assert "archived to schema archive: events_2024_06" in archived.stdout
+
+    for bad in (["--archive-before", "July"], ["--archive-before", "2999-01"]):
+        failed = subprocess.run([*tagbus, "maintain", *bad], check=False, env=env, capture_output=True, text=True)
+        assert failed.returncode != 0
+        assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
