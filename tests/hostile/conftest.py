@@ -148,8 +148,11 @@ def hostile_bus(pg_server_url: str, jwks_server: JwksServer) -> Iterator[Hostile
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("the bus did not start")
             time.sleep(0.02)
+        bus = HostileBus(f"http://127.0.0.1:{server_settings.port}", jwks_server, router, server_settings)
         try:
-            yield HostileBus(f"http://127.0.0.1:{server_settings.port}", jwks_server, router, server_settings)
+            yield bus
+            # After everything the suite threw at it, the bus still answers.
+            assert bus.healthy() and httpx.get(f"{bus.base_url}/readyz", timeout=5).status_code == 200
         finally:
             server.should_exit = True
             thread.join(10)
