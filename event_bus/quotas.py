@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from event_bus.auth import Principal
-from event_bus.problems import Problem
+from event_bus.problems import Problem, too_large
 from event_bus.settings import TierQuota
 
 
@@ -43,13 +43,9 @@ class QuotaGate:
         bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
         bucket.stamp = now
         if cost > burst:
-            raise Problem(
-                429,
-                "quota-exceeded",
-                "Too many events",
-                f"a request of {cost} events exceeds the tenant's burst of {burst}",
-                headers=_headers(burst, 0, math.ceil(cost / rate)),
-            )
+            # Never admissible, however long the client waits: a 429 would have it retry
+            # forever (the SDK honours Retry-After). The batch is over this tenant's limit.
+            raise too_large(f"a batch of {cost} events exceeds the tenant's burst of {burst}; send at most {burst}")
         if bucket.tokens < max(cost, 1):
             wait = math.ceil((cost - bucket.tokens) / rate)
             raise Problem(

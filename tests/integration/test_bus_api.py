@@ -181,6 +181,16 @@ def test_quota_answers_429_with_headers(bus: RunningBus) -> None:
     assert limited[0].headers["ratelimit-limit"] == "5"
 
 
+def test_a_batch_over_the_burst_is_413_not_a_retryable_429(bus: RunningBus) -> None:
+    # Was a 429 with Retry-After: a batch larger than the burst can never be admitted, and
+    # the producers SDK retried it for as long as it was told to.
+    with bus.client("batcher", tier="basic") as client:
+        response = client.post("/v1/events:batch", json=[event() for _ in range(6)])
+        assert response.status_code == 413, response.text
+        assert "retry-after" not in response.headers and "burst of 5" in response.json()["detail"]
+        assert client.post("/v1/events:batch", json=[event() for _ in range(5)]).status_code == 201
+
+
 def test_quota_claim_overrides_tier(bus: RunningBus) -> None:
     with bus.client("roomy", tier="basic", quota={"events_per_second": 1000, "burst": 50}) as client:
         statuses = {client.post("/v1/events", json=event()).status_code for _ in range(20)}
