@@ -1,22 +1,27 @@
 """The log tailer: the outbox relay from PostgreSQL's WAL to a Kinesis data stream.
 
 A logical replication slot (built-in ``pgoutput`` plugin, publication ``tagbus_events``)
-yields every committed insert into ``events`` in commit order. The tailer peeks a batch
-of whole transactions, publishes their events, and only then advances the slot past
-them — so the slot never moves past an event Kinesis has not acknowledged, and a crash
-anywhere resends instead of losing (at-least-once; consumers apply by version).
+yields every committed insert into ``events`` in commit order. The tailer reads a batch
+of whole transactions from the slot's replication stream, publishes their events, and
+only then confirms the slot past them — so the slot never moves past an event Kinesis
+has not acknowledged, and a crash anywhere resends instead of losing (at-least-once;
+consumers apply by version).
 
 Modules, one part each (this package re-exports their public names):
 
 - ``errors`` — the error hierarchy below; ``metrics`` — :class:`TailerMetrics` and ``/metrics``;
+- ``stream`` — :class:`ReplicationStream` (``START_REPLICATION … LOGICAL``; why, in its docstring);
 - ``slot`` — :class:`SlotReader`, :class:`TailerLock`, slot status and URL helpers;
 - ``decoder`` — :class:`ChangeDecoder`; ``sink`` — :class:`RecordSink`, :class:`NullSink`;
 - ``publisher`` — :class:`KinesisPublisher`; ``runner`` — :class:`LogTailer`, :func:`run_tailer`.
 
 Parts, each small:
 
-- :class:`SlotReader` — the SQL interface of the slot (peek, advance, heartbeat, status);
-  driver errors become :class:`DatabaseUnavailableError` / :class:`SlotBusyError`.
+- :class:`ReplicationStream` — the slot's changes, pushed by the server over one decoding
+  session; confirmations are standby status updates.
+- :class:`SlotReader` — the SQL interface of the slot (create, heartbeat, status, and the
+  peek/advance functions kept for benchmarks and tools); driver errors become
+  :class:`DatabaseUnavailableError` / :class:`SlotBusyError`.
 - :class:`TailerLock` — ``pg_try_advisory_lock`` on a dedicated session: one active tailer.
 - :class:`ChangeDecoder` — pgoutput messages → :class:`DecodedTransaction` of
   :class:`~event_bus.envelope.StoredEvent`.
@@ -82,6 +87,7 @@ from event_bus.tailer.slot import (
     mask_database_url,
     slot_status,
 )
+from event_bus.tailer.stream import Keepalive, ReplicationStream
 
 __all__ = [
     "ADVISORY_LOCK_KEY",
@@ -96,6 +102,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "DecodedTransaction",
     "EventDecodeError",
+    "Keepalive",
     "KinesisClient",
     "KinesisPublisher",
     "KinesisRejectedError",
@@ -109,6 +116,7 @@ __all__ = [
     "PublishError",
     "PublishInterruptedError",
     "RecordSink",
+    "ReplicationStream",
     "SlotBusyError",
     "SlotConfigurationError",
     "SlotReader",

@@ -57,8 +57,8 @@ _EVENT_COLUMNS: Final = (
 class ChangeDecoder:
     """Assembles pgoutput messages into committed transactions of events.
 
-    Relation messages are remembered by id (each peek is a new decoding session and
-    sends them again before first use). Inserts into other tables are ignored without
+    Relation messages are remembered by id (each decoding session sends them before
+    first use). Inserts into other tables are ignored without
     decoding their tuples.
 
     Inserts are the bulk of the stream, so they take a short path: the message kind is

@@ -27,7 +27,7 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class CycleResult:
-    """What one peek → publish → advance cycle did."""
+    """What one read → publish → confirm cycle did."""
 
     transactions: int
     events: int
