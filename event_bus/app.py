@@ -48,6 +48,10 @@ log = logging.getLogger("tagbus.bus")
 _SINGLE_TYPES = ("application/cloudevents+json", "application/json")
 _BATCH_TYPES = ("application/cloudevents-batch+json", "application/json")
 _MAX_PAGE = 1_000
+#: A page of a stream stops growing past this many bytes of events (its ``next`` says where
+#: the rest begins), and the rows behind it are read this many at a time.
+_MAX_PAGE_BYTES = 4 * 1_048_576
+_READ_CHUNK = 64
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
 # --- the OpenAPI description ------------------------------------------------------------
@@ -587,14 +591,36 @@ def create_app(
         stream = request.path_params["stream"]
         from_version = _int_param(request, "from_version", 1, minimum=1)
         limit = _int_param(request, "limit", 100, minimum=1, maximum=_MAX_PAGE)
-        events = (
-            await store.read_stream(principal.tenant, stream, from_version, limit + 1) if "\x00" not in stream else []
+        page, nxt = (
+            await read_page(principal.tenant, stream, from_version, limit) if "\x00" not in stream else ([], None)
         )
-        if not events and from_version == 1:
+        if not page and from_version == 1:
             raise not_found(f"no stream {stream!r}")
-        page = events[:limit]
-        nxt = events[limit].version if len(events) > limit else None
-        return _json({"stream": stream, "events": [e.to_cloudevent() for e in page], "next": nxt})
+        return _json({"stream": stream, "events": page, "next": nxt})
+
+    async def read_page(tenant: str, stream: str, from_version: int, limit: int) -> tuple[list[Any], int | None]:
+        """Up to ``limit`` events and the next page's version, within ``_MAX_PAGE_BYTES``.
+
+        Events may be 1 MiB each: a page of 1,000 read at once could hold a gigabyte in the
+        bus's memory. Rows are read in chunks and the page ends where its size would pass
+        the budget (always with at least one event, so paging moves on).
+        """
+        page: list[Any] = []
+        size = 0
+        version = from_version
+        while True:
+            want = min(_READ_CHUNK, limit + 1 - len(page))
+            chunk = await store.read_stream(tenant, stream, version, want)
+            for event in chunk:
+                body = event.to_cloudevent()
+                cost = len(orjson.dumps(body))
+                if len(page) == limit or (page and size + cost > _MAX_PAGE_BYTES):
+                    return page, event.version
+                page.append(body)
+                size += cost
+            if len(chunk) < want:
+                return page, None
+            version = chunk[-1].version + 1
 
     @app.get("/v1/config/{key:path}", summary="Current value of a config key")
     @observed("get_config")

@@ -88,6 +88,29 @@ def test_expected_version_conflict_reports_current(bus: RunningBus) -> None:
     assert stale.status_code == 409 and stale.json()["current_version"] == 2
 
 
+def test_stream_pages_are_bounded_in_bytes(bus: RunningBus) -> None:
+    # A page of 1,000 events of up to 1 MiB each was read and serialized at once.
+    blob = "x" * 900_000
+    with bus.client("acme") as client:
+        sent = [event(subject="big/1", data={"blob": blob, "n": n}) for n in range(7)]
+        for body in sent:
+            assert client.post("/v1/events", json=body).status_code == 201
+        seen: list[int] = []
+        params: dict[str, int] = {"from_version": 1, "limit": 1000}
+        while True:
+            response = client.get("/v1/streams/big/1", params=params)
+            assert response.status_code == 200 and len(response.content) < 5 * 1_048_576
+            page = response.json()
+            assert page["events"], page["next"]
+            seen += [e["data"]["n"] for e in page["events"]]
+            if page["next"] is None:
+                break
+            assert page["next"] == page["events"][-1]["version"] + 1
+            params["from_version"] = page["next"]
+    assert seen == list(range(7))
+    assert len(seen) > len(page["events"])  # it took more than one page
+
+
 def test_batch_is_all_or_nothing(bus: RunningBus, database_url: str) -> None:
     good = [event(subject="b/1") for _ in range(3)]
     with bus.client("acme") as client:
