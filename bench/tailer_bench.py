@@ -934,6 +934,8 @@ def on_paper(decode: dict[str, Any], publish: list[dict[str, Any]]) -> dict[str,
     # One PutRecords in flight at a time: a request of 500 records must return within this for the target.
     max_round_trip_ms = 1000 * (MAX_REQUEST_RECORDS / target - 1 / cpu_plain * MAX_REQUEST_RECORDS)
     verdict = "enough" if min(cpu_plain, cpu_packed) >= target else "NOT enough"
+    # Below the target on CPU alone no round trip is short enough (the bound goes negative).
+    round_trip = f"~{max_round_trip_ms:.0f} ms" if max_round_trip_ms > 0 else "(none: the CPU alone is too slow)"
     text = (
         f"On paper, for real Kinesis (1 MB/s and 1,000 records/s per shard): the tailer decodes {null_rate:,} "
         f"events/s with a null sink; publishing to an endpoint that acknowledges at once (decode, serialize, "
@@ -942,12 +944,12 @@ def on_paper(decode: dict[str, Any], publish: list[dict[str, Any]]) -> dict[str,
         f"{target:,} events/s. Without aggregation each event is one record of ~{plain['bytes_per_event']} bytes, "
         f"so {target:,} events/s need {shards_plain} shards (the 1,000 records/s limit binds, not bytes: "
         f"{target * plain['bytes_per_event'] / 1e6:.1f} MB/s), and since one tailer keeps one PutRecords of 500 "
-        f"records in flight, each must return within ~{max_round_trip_ms:.0f} ms. With aggregation "
+        f"records in flight, each must return within {round_trip}. With aggregation "
         f"(~{packed['events_per_record']:,} events per record here; per shard and per read batch in production) "
         f"the record limit no longer binds: {target * packed['bytes_per_event'] / 1e6:.1f} MB/s needs "
         f"{shards_packed} shard(s) by bytes, and a 5 MiB request carries thousands of events, so round-trip "
         f"time stops mattering. So: ≥ {target:,} events/s per tailer takes {shards_plain} shards without "
-        f"aggregation (and PutRecords ≤ ~{max_round_trip_ms:.0f} ms), or {shards_packed} shards with aggregation; "
+        f"aggregation (and PutRecords ≤ {round_trip}), or {shards_packed} shards with aggregation; "
         f"aggregation is needed below {shards_plain} shards."
     )
     return {
