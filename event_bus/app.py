@@ -41,7 +41,14 @@ from event_bus.problems import (
 from event_bus.quotas import QuotaGate
 from event_bus.settings import BusSettings
 from event_bus.store import AppendResult, EventStore, IdConflict, StoreUnavailable, VersionConflict
-from event_bus.validation import NewEvent, decode_json, may_prefix_config_key, parse_config_key, parse_event
+from event_bus.validation import (
+    MAX_ID_CHARS,
+    NewEvent,
+    decode_json,
+    may_prefix_config_key,
+    parse_config_key,
+    parse_event,
+)
 
 log = logging.getLogger("tagbus.bus")
 
@@ -578,8 +585,7 @@ def create_app(
     async def get_event(request: Request) -> Response:
         principal = await authorize(request, "events:read")
         event_id = request.path_params["event_id"]
-        # No stored id holds U+0000 (PostgreSQL text cannot), and the driver refuses to send it.
-        event = await store.get(principal.tenant, event_id) if "\x00" not in event_id else None
+        event = await store.get(principal.tenant, event_id) if _storable(event_id, MAX_ID_CHARS) else None
         if event is None:
             raise not_found(f"no event {event_id!r}")
         return _json(event.to_cloudevent())
@@ -723,6 +729,15 @@ def _reader(reader: ConfigReader | None) -> ConfigReader:
     if reader is None:
         raise unavailable("no config read model is configured")
     return reader
+
+
+def _storable(name: str, limit: int) -> bool:
+    """Whether an id could have been stored; a probe of one that could not costs no query.
+
+    No stored id holds U+0000 (PostgreSQL text cannot, and the driver refuses to send it)
+    or is longer than validation has always allowed.
+    """
+    return len(name) <= limit and "\x00" not in name
 
 
 def _read_model_unavailable(error: Exception) -> Problem:
