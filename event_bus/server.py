@@ -22,6 +22,7 @@ from event_bus.problems import PROBLEM_CONTENT_TYPE, Problem
 
 _HEADER_TIMEOUT_SECONDS = 10.0
 _MAX_HEADER_BYTES = 64 * 1024
+_MAX_CONNECTIONS = 2_048
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,9 @@ class ServerSettings:
     header_timeout_seconds: float = _HEADER_TIMEOUT_SECONDS
     #: Request line plus headers; past it the answer is ``431``.
     max_header_bytes: int = _MAX_HEADER_BYTES
+    #: Open connections past which a new one is answered ``503`` and closed: with the head
+    #: deadline this bounds what a flood of slow clients can hold (sockets, parsers).
+    max_connections: int = _MAX_CONNECTIONS
     #: Idle time between two requests of one connection (uvicorn's own timer).
     keep_alive_seconds: int = 5
     graceful_shutdown_seconds: int = 10
@@ -46,6 +50,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     header_timeout_seconds: float = _HEADER_TIMEOUT_SECONDS
     max_header_bytes: int = _MAX_HEADER_BYTES
+    max_connections: int = _MAX_CONNECTIONS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -56,6 +61,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            detail = f"more than {self.max_connections} connections are open; retry later"
+            self._write_problem(
+                Problem(503, "unavailable", "Service unavailable", detail, headers={"Retry-After": "1"})
+            )
+            return
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -127,6 +138,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         head = [f"HTTP/1.1 {problem.status} {problem.title}".encode()]
         for name, value in self.server_state.default_headers:
             head.append(name + b": " + value)
+        head += [f"{name}: {value}".encode() for name, value in problem.headers.items()]
         head += [
             f"content-type: {PROBLEM_CONTENT_TYPE}".encode(),
             f"content-length: {len(body)}".encode(),
@@ -141,7 +153,11 @@ def build_server(app: Any, settings: ServerSettings) -> uvicorn.Server:
     protocol = type(
         "BusHttpProtocol",
         (BoundedHttpProtocol,),
-        {"header_timeout_seconds": settings.header_timeout_seconds, "max_header_bytes": settings.max_header_bytes},
+        {
+            "header_timeout_seconds": settings.header_timeout_seconds,
+            "max_header_bytes": settings.max_header_bytes,
+            "max_connections": settings.max_connections,
+        },
     )
     config = uvicorn.Config(
         app,

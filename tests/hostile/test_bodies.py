@@ -8,6 +8,7 @@ server; and the bus still answers ``/healthz`` afterwards.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ import httpx
 import orjson
 import pytest
 
+from event_bus.server import ServerSettings, build_server
+from tests.fixtures.bus import _free_port
 from tests.hostile.conftest import BODY_TIMEOUT, HEADER_TIMEOUT, HostileBus, HostileTally, assert_problem
 
 MIB = 1_048_576
@@ -292,3 +295,38 @@ def test_many_slow_clients_at_once_do_not_stop_the_bus(hostile_bus: HostileBus, 
         for sock in sockets:
             sock.close()
     assert hostile_bus.healthy()
+
+
+async def _hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_connections_past_the_limit_are_503(tally: HostileTally) -> None:
+    settings = ServerSettings(port=_free_port(), max_connections=20, header_timeout_seconds=5)
+    server = build_server(_hello, settings)
+    server.config.lifespan = "off"
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    held = [socket.create_connection(("127.0.0.1", settings.port)) for _ in range(20)]
+    try:
+        time.sleep(0.2)  # the server has accepted them all
+        with socket.create_connection(("127.0.0.1", settings.port), timeout=5) as extra:
+            extra.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = read_answer(extra)
+            tally.record("connection_flood", server_error=answer[0] != 503)
+            assert_raw_problem(answer, 503)
+            assert answer[1]["retry-after"] == "1"
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{settings.port}/").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
