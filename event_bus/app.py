@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
@@ -20,6 +21,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from event_bus.auth import Principal, TokenVerifier
@@ -499,13 +501,17 @@ def create_app(
             raise too_large(f"the body is {declared} bytes; the limit is {limit}")
         body = bytearray()
         try:
-            with anyio.fail_after(body_timeout_seconds):
+            # asyncio's timeout rather than anyio's: it costs half as much, on every POST.
+            async with asyncio.timeout(body_timeout_seconds):
                 async for chunk in request.stream():
                     body += chunk
                     if len(body) > limit:
                         raise too_large(f"the body exceeds the limit of {limit} bytes")
         except TimeoutError as e:
             raise request_timeout(f"the body did not arrive within {body_timeout_seconds:g} s") from e
+        except ClientDisconnect as e:
+            # Nobody reads the answer; it keeps a client's hang-up out of the 500s and the error log.
+            raise Problem(400, "client-disconnected", "Client disconnected", "the body was not complete") from e
         return decode_json(bytes(body))
 
     async def append(principal: Principal, events: list[NewEvent]) -> list[AppendResult]:

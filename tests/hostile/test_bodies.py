@@ -278,6 +278,28 @@ def test_slow_bodies_are_cut_off(hostile_bus: HostileBus, tally: HostileTally) -
             assert time.monotonic() - started < BODY_TIMEOUT + 3
 
 
+def test_clients_hanging_up_mid_body_are_no_server_errors(hostile_bus: HostileBus, tally: HostileTally) -> None:
+    def errors() -> float:
+        metrics = httpx.get(f"{hostile_bus.base_url}/metrics").text
+        lines = [line for line in metrics.splitlines() if line.startswith("tagbus_http_requests_total{")]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'status="500"' in line)
+
+    before = errors()
+    token = hostile_bus.hs256("bodies")
+    for path in (b"/v1/events", b"/v1/events:batch"):
+        with connection(hostile_bus) as sock:
+            sock.sendall(
+                b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + token.encode() + b'\r\nContent-Length: 1000\r\n\r\n{"a":'
+            )
+            time.sleep(0.2)
+        tally.record("client_hang_up")
+    time.sleep(0.3)
+    # Was counted (and logged with a traceback) as an unhandled error, a 500.
+    assert errors() == before
+    assert hostile_bus.healthy()
+
+
 def test_many_slow_clients_at_once_do_not_stop_the_bus(hostile_bus: HostileBus, tally: HostileTally) -> None:
     sockets = [socket.create_connection(("127.0.0.1", hostile_bus.server_settings.port)) for _ in range(200)]
     try:
