@@ -144,7 +144,8 @@ class LogTailer:
                 transactions = self._read_until(self._reader.flushed_lsn())
             events = [event for transaction in transactions for event in transaction.events]
             if events:
-                self.sink.publish(events)
+                with self._stream.kept_alive():
+                    self.sink.publish(events)
             advanced_to = transactions[-1].end_lsn if transactions else None
             if advanced_to is not None:
                 self._stream.confirm(advanced_to)
@@ -306,9 +307,7 @@ class LogTailer:
         self._stop.set()
 
     def _wait_or_stop(self, seconds: float) -> bool:
-        # Looks the event up at call time: run(stop) may swap in the caller's event. While the
-        # publisher backs off, the replication connection still owes the server status updates.
-        self._stream.keep_alive()
+        # Looks the event up at call time: run(stop) may swap in the caller's event.
         return self._stop.wait(seconds)
 
     def _check_lock(self) -> None:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import select
 import struct
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -66,6 +68,7 @@ class ReplicationStream:
         *,
         connect_timeout: int = 10,
         application_name: str = "tagbus-tailer",
+        wal_sender_timeout_ms: int | None = None,
     ) -> None:
         self.slot_name = slot_name
         self._conninfo = make_conninfo(
@@ -75,7 +78,8 @@ class ReplicationStream:
             application_name=application_name,
             # pgoutput renders text values with the walsender's settings: pin them so
             # timestamps parse the same on every server.
-            options="-c DateStyle=ISO -c TimeZone=UTC",
+            options="-c DateStyle=ISO -c TimeZone=UTC"
+            + (f" -c wal_sender_timeout={int(wal_sender_timeout_ms)}" if wal_sender_timeout_ms is not None else ""),
         )
         self._command = (
             sql.SQL("START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}, messages 'true')")
@@ -145,6 +149,32 @@ class ReplicationStream:
             # -1: the copy ended (the server closed the stream, e.g. it is shutting down).
             self.close()
             raise DatabaseUnavailableError("the replication stream ended")
+
+    @contextlib.contextmanager
+    def kept_alive(self, interval: float = 1.0) -> Iterator[None]:
+        """Send status updates every ``interval`` seconds from a helper thread while the body runs.
+
+        The server drops a replication connection that stays silent for
+        ``wal_sender_timeout`` (60 s by default), and a publish to a throttled or slow
+        Kinesis can take longer than that. The body must not use this stream meanwhile
+        (libpq connections are not shared between threads).
+        """
+        if self._pgconn is None:
+            yield
+            return
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(interval):
+                self.keep_alive()
+
+        thread = threading.Thread(target=beat, name="tagbus-tailer-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def keep_alive(self) -> None:
         """A status update with the last confirmed LSN, so a long publish does not hit

@@ -6,6 +6,7 @@ against a real Kinesis API (kinesis-mock) when ``AWS_ENDPOINT_URL_KINESIS`` is s
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -23,13 +24,16 @@ from event_bus.envelope import StoredEvent
 from event_bus.pgoutput import format_lsn, parse_lsn
 from event_bus.settings import TailerSettings
 from event_bus.tailer import (
+    DatabaseUnavailableError,
     KinesisPublisher,
     KinesisRejectedError,
     LockUnavailableError,
     LogTailer,
     OversizeRecordError,
     PublishInterruptedError,
+    ReplicationStream,
     TailerMetrics,
+    libpq_url,
     mask_database_url,
     slot_status,
 )
@@ -596,3 +600,32 @@ def test_publishes_to_a_real_kinesis_endpoint(
     commit_events(database_url, *[[(f"k{i}", f"k{i % 3}", i // 3 + 1)] for i in range(12)])
     assert tailer.drain().events == 12
     assert versions_on_stream(kinesis_client, kinesis_stream) == {f"k{j}": [1, 2, 3, 4] for j in range(3)}
+
+
+# ------------------------------------------------------------------ the replication connection
+
+
+@pytest.mark.parametrize("kept_alive", [True, False])
+def test_status_updates_keep_the_replication_connection_through_a_long_publish(
+    database_url: str, slot_name: str, tailers: list[LogTailer], kept_alive: bool
+) -> None:
+    tailer = make_tailer(database_url, slot_name, RecordingSink())
+    tailers.append(tailer)
+    tailer.try_activate()  # creates the slot
+    stream = ReplicationStream(libpq_url(database_url), slot_name, "tagbus_events", wal_sender_timeout_ms=1_000)
+    stream.start()
+    try:
+        # A publish that takes 2.5 walsender timeouts, during which nothing is read.
+        with stream.kept_alive(0.2) if kept_alive else contextlib.nullcontext():
+            time.sleep(2.5)
+        if kept_alive:
+            stream.confirm(0)
+            for _ in range(10):  # buffered keepalives, then quiet: the connection is alive
+                stream.read(0.1)
+            assert stream.started
+        else:
+            with pytest.raises(DatabaseUnavailableError):
+                for _ in range(10):  # the walsender timed out: reading reaches the closed socket
+                    stream.read(0.1)
+    finally:
+        stream.close()
