@@ -668,6 +668,12 @@ def create_app(
                 detail = f"after: a key, the 'next' of the previous page ({e})"
                 raise Problem(422, "bad-parameter", "Bad query parameter", detail) from e
         reader = _reader(config_reader)
+        if start_after is not None and not start_after.startswith(prefix):
+            # A cursor outside the prefix's range (DynamoDB refuses such a start key): before
+            # it, the page starts at the range's first key; after it, the range is done.
+            if start_after > prefix:
+                return _json({"prefix": prefix, "items": [], "next": None})
+            start_after = None
         if not may_prefix_config_key(prefix, registered_tags):
             # No key can start with it: nothing to ask the read models (an unknown tag, a
             # character no key holds, a path no store should be handed).

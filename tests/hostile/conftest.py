@@ -16,6 +16,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,35 +128,61 @@ def jwks_server() -> Iterator[JwksServer]:
         yield server
 
 
+@contextmanager
+def serve_bus(database_url: str, jwks: JwksServer, router: TagRouter) -> Iterator[HostileBus]:
+    """The bus on ``router``'s read models, behind the production server with short limits."""
+    auth = AuthSettings(jwt_secret=SECRET, jwks_url=jwks.url, issuer=ISSUER, audience=AUDIENCE)
+    settings = BusSettings(database_url=database_url, auth=auth, pool_size=4)
+    app = create_app(
+        settings,
+        tags=router.registered_tags,
+        config_reader=RouterConfigReader(router),
+        body_timeout_seconds=BODY_TIMEOUT,
+    )
+    server_settings = ServerSettings(port=_free_port(), header_timeout_seconds=HEADER_TIMEOUT)
+    server = build_server(app, server_settings)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the bus did not start")
+        time.sleep(0.02)
+    bus = HostileBus(f"http://127.0.0.1:{server_settings.port}", jwks, router, server_settings)
+    try:
+        yield bus
+        # After everything the suite threw at it, the bus still answers.
+        assert bus.healthy() and httpx.get(f"{bus.base_url}/readyz", timeout=5).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="session")
 def hostile_bus(pg_server_url: str, jwks_server: JwksServer) -> Iterator[HostileBus]:
+    """The bus with in-memory read models (the reference adapter)."""
     router = TagRouter({tag: MemoryConfigStore() for tag in TAGS})
-    with cloned_database(pg_server_url) as url:
-        auth = AuthSettings(jwt_secret=SECRET, jwks_url=jwks_server.url, issuer=ISSUER, audience=AUDIENCE)
-        settings = BusSettings(database_url=url, auth=auth, pool_size=4)
-        app = create_app(
-            settings,
-            tags=router.registered_tags,
-            config_reader=RouterConfigReader(router),
-            body_timeout_seconds=BODY_TIMEOUT,
-        )
-        server_settings = ServerSettings(port=_free_port(), header_timeout_seconds=HEADER_TIMEOUT)
-        server = build_server(app, server_settings)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 15
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the bus did not start")
-            time.sleep(0.02)
-        bus = HostileBus(f"http://127.0.0.1:{server_settings.port}", jwks_server, router, server_settings)
-        try:
-            yield bus
-            # After everything the suite threw at it, the bus still answers.
-            assert bus.healthy() and httpx.get(f"{bus.base_url}/readyz", timeout=5).status_code == 200
-        finally:
-            server.should_exit = True
-            thread.join(10)
+    with cloned_database(pg_server_url) as url, serve_bus(url, jwks_server, router) as bus:
+        yield bus
+
+
+@pytest.fixture(scope="session")
+def stack_bus(pg_server_url: str, jwks_server: JwksServer) -> Iterator[HostileBus]:
+    """The bus reading the local stack's DynamoDB Local and moto SSM (``tagbus up``)."""
+    from botocore.exceptions import BotoCoreError
+
+    from projections.errors import ProjectionError
+    from tagbus.compose import build_router
+    from tagbus.settings import load
+
+    router = build_router(load())
+    try:
+        router.get("hostile-probe", "paramconfig:probe")
+        router.get("hostile-probe", "tenantconfig:probe")
+    except (ProjectionError, BotoCoreError) as e:
+        pytest.fail(f"the local stack's read models do not answer (run `tagbus up`): {e}")
+    with cloned_database(pg_server_url) as url, serve_bus(url, jwks_server, router) as bus:
+        yield bus
 
 
 @pytest.fixture(scope="session")

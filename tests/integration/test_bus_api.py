@@ -283,6 +283,15 @@ def test_config_listing_checks_prefix_and_cursor(bus_settings: BusSettings) -> N
             for after in ("", "%", "tenantconfig:", "x" * 2_000):
                 response = client.get("/v1/config", params={"prefix": "tenantconfig:", "after": after})
                 assert response.status_code == 422 and "after" in response.json()["detail"], after
+            # A cursor outside the prefix's range never reaches the store (DynamoDB refused it: 500).
+            outside = {"prefix": "tenantconfig:b", "after": "tenantconfig:c"}
+            assert client.get("/v1/config", params=outside).json() == {
+                "prefix": "tenantconfig:b",
+                "items": [],
+                "next": None,
+            }
+            before = client.get("/v1/config", params={"prefix": "tenantconfig:b", "after": "tenantconfig:a"})
+            assert before.status_code == 200
             # A key longer than any stream cannot exist: 404 without asking the read model.
             assert client.get("/v1/config/tenantconfig:" + "a" * 600).status_code == 404
 
