@@ -68,6 +68,9 @@ class NewEvent:
     expected_version: int | None
     digest: str
     size: int = field(default=0)
+    #: ``"data": null`` was sent: a null payload, distinct from none (CloudEvents JSON format,
+    #: 3.1.1). The store should write it as JSON ``null`` rather than SQL NULL (open).
+    has_data: bool = field(default=False)
 
 
 def decode_json(raw: bytes) -> Any:
@@ -239,6 +242,7 @@ def parse_event(
         expected_version=expected,
         digest=_digest(body),
         size=size,
+        has_data="data" in body,
     )
 
 
