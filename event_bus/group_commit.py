@@ -35,6 +35,7 @@ from event_bus.store import (
     VersionConflict,
     find_existing,
     insert_params,
+    no_partition,
     write_new,
 )
 from event_bus.validation import NewEvent
@@ -169,6 +170,8 @@ class GroupCommitter:
         except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
             for pending in now:
                 await self._append_alone(pending)
+        except psycopg.errors.CheckViolation as e:
+            raise no_partition(e) from e
         except PoolTimeout as e:
             raise StoreUnavailable("no database connection available in time") from e
         except psycopg.OperationalError as e:

@@ -72,9 +72,13 @@ INSERT_EVENT = (
 # Set-based writing of new events (no expectedversion): one upsert bumps every touched
 # stream by its count of events, one insert writes every row. The streams are upserted in
 # (tenant, stream) order so that concurrent writers lock their rows in the same order.
+# Each statement takes its rows as ONE jsonb parameter (a JSON array of objects, dumped by
+# orjson) unpacked by jsonb_to_recordset: psycopg dumps Python lists into text[] arrays
+# element by element in Python, ~40 µs of the bus's CPU per event, against ~4 µs for one
+# orjson document (JSON null becomes SQL NULL, as None did).
 BUMP_STREAMS = (
     "INSERT INTO streams (tenant_id, stream_id, version)"
-    " SELECT t, s, n FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS u(t, s, n) ORDER BY t, s"
+    " SELECT t, s, n FROM jsonb_to_recordset(%s::jsonb) AS u(t text, s text, n bigint) ORDER BY t, s"
     " ON CONFLICT (tenant_id, stream_id) DO UPDATE"
     " SET version = streams.version + EXCLUDED.version, updated_at = now()"
     " RETURNING tenant_id, stream_id, version, now()"
@@ -82,12 +86,13 @@ BUMP_STREAMS = (
 INSERT_EVENTS = (
     "INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,"
     " data, metadata, digest)"
-    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],"
-    " %s::text[], %s::timestamptz[], %s::jsonb[], %s::jsonb[], %s::text[])"
+    " SELECT * FROM jsonb_to_recordset(%s::jsonb) AS r(event_id text, tenant_id text, stream_id text,"
+    " version bigint, type text, source text, subject text, occurred_at timestamptz, data jsonb, metadata jsonb,"
+    " digest text)"
 )
 FIND_EXISTING = (
     "SELECT e.tenant_id, e.event_id, e.stream_id, e.version, e.recorded_at, e.digest"
-    " FROM unnest(%s::text[], %s::text[]) AS k(tenant_id, event_id)"
+    " FROM jsonb_to_recordset(%s::jsonb) AS k(tenant_id text, event_id text)"
     " JOIN event_keys e ON e.tenant_id = k.tenant_id AND e.event_id = k.event_id"
 )
 
@@ -106,7 +111,7 @@ class NoPartition(StoreUnavailable):
     """No partition of ``events`` covers now: partition maintenance has not run (``tagbus maintain``)."""
 
 
-def _no_partition(error: pg_errors.CheckViolation) -> StoreError:
+def no_partition(error: pg_errors.CheckViolation) -> StoreError:
     # events has no CHECK constraint, so a check violation reported on it is the
     # partition router's "no partition of relation events found for row".
     if error.diag.table_name == "events":
@@ -200,7 +205,7 @@ class EventStore:
             except (pg_errors.UniqueViolation, pg_errors.DeadlockDetected):
                 pass  # a concurrent writer got in first: the event-by-event path settles it
             except pg_errors.CheckViolation as e:
-                raise _no_partition(e) from e
+                raise no_partition(e) from e
             except PoolTimeout as e:
                 raise StoreUnavailable("no database connection available in time") from e
             except psycopg.OperationalError as e:
@@ -219,7 +224,7 @@ class EventStore:
                     raise StoreUnavailable("too much contention between batches") from e
                 await asyncio.sleep(0.01 * (attempt + 1))
             except pg_errors.CheckViolation as e:
-                raise _no_partition(e) from e
+                raise no_partition(e) from e
             except PoolTimeout as e:
                 raise StoreUnavailable("no database connection available in time") from e
             except psycopg.OperationalError as e:
@@ -286,7 +291,7 @@ async def find_existing(
     conn: psycopg.AsyncConnection[Any], events: Sequence[NewEvent]
 ) -> dict[tuple[str, str], TupleRow]:
     """Already stored events among ``events``, by (tenant, id): tenant, id, stream, version, recorded_at, digest."""
-    cur = await conn.execute(FIND_EXISTING, ([e.tenant for e in events], [e.id for e in events]))
+    cur = await conn.execute(FIND_EXISTING, (_rows([{"tenant_id": e.tenant, "event_id": e.id} for e in events]),))
     return {(row[0], row[1]): row for row in await cur.fetchall()}
 
 
@@ -299,8 +304,7 @@ async def write_new(conn: psycopg.AsyncConnection[Any], events: Sequence[NewEven
     counts: dict[tuple[str, str], int] = {}
     for e in events:
         counts[(e.tenant, e.stream)] = counts.get((e.tenant, e.stream), 0) + 1
-    keys = list(counts)
-    cur = await conn.execute(BUMP_STREAMS, ([k[0] for k in keys], [k[1] for k in keys], [counts[k] for k in keys]))
+    cur = await conn.execute(BUMP_STREAMS, (_rows([{"t": t, "s": s, "n": n} for (t, s), n in counts.items()]),))
     next_version: dict[tuple[str, str], int] = {}
     recorded_at = None
     for tenant, stream, last, now in await cur.fetchall():
@@ -312,26 +316,32 @@ async def write_new(conn: psycopg.AsyncConnection[Any], events: Sequence[NewEven
         key = (e.tenant, e.stream)
         versions.append(next_version[key])
         next_version[key] += 1
-    await conn.execute(
-        INSERT_EVENTS,
-        (
-            [e.id for e in events],
-            [e.tenant for e in events],
-            [e.stream for e in events],
-            versions,
-            [e.type for e in events],
-            [e.source for e in events],
-            [e.subject for e in events],
-            [e.time for e in events],
-            [None if e.data is None else Jsonb(e.data) for e in events],
-            [Jsonb(e.metadata) for e in events],
-            [e.digest for e in events],
-        ),
-    )
+    rows = [
+        {
+            "event_id": e.id,
+            "tenant_id": e.tenant,
+            "stream_id": e.stream,
+            "version": v,
+            "type": e.type,
+            "source": e.source,
+            "subject": e.subject,
+            "occurred_at": e.time,
+            "data": e.data,
+            "metadata": e.metadata,
+            "digest": e.digest,
+        }
+        for e, v in zip(events, versions, strict=True)
+    ]
+    await conn.execute(INSERT_EVENTS, (_rows(rows),))
     return [
         AppendResult(e.id, e.tenant, e.stream, v, recorded_at, created=True)
         for e, v in zip(events, versions, strict=True)
     ]
+
+
+def _rows(rows: list[dict[str, Any]]) -> Jsonb:
+    """Rows for ``jsonb_to_recordset``, dumped by orjson whatever the connection's JSON setup."""
+    return Jsonb(rows, dumps=orjson.dumps)
 
 
 def insert_params(event: NewEvent) -> tuple[Any, ...]:
