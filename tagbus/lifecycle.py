@@ -50,6 +50,28 @@ def ensure_read_models(settings: Settings) -> None:
         dynamodb.close()
 
 
+def _forget_checkpoints_of_reset_streams(cfg: stack.StackConfig, settings: Settings) -> None:
+    """After kinesis-mock started with empty streams, drop the KCL's lease tables.
+
+    Their checkpoints name sequence numbers of the lost stream, which the new one refuses;
+    without them the consumer starts over at the new stream's horizon.
+    """
+    mark = cfg.state / "kinesis-data" / stack.KINESIS_RESET_MARK
+    if not mark.exists() or stack.status(cfg)["consumer"].running:
+        return
+    from consumers.daemon import APPLICATION_NAME
+
+    dynamodb = aws.client(settings, "dynamodb")
+    try:
+        for table in dynamodb.list_tables()["TableNames"]:
+            if table == APPLICATION_NAME or table.startswith(f"{APPLICATION_NAME}-"):
+                dynamodb.delete_table(TableName=table)
+                dynamodb.get_waiter("table_not_exists").wait(TableName=table, WaiterConfig={"Delay": 1})
+    finally:
+        dynamodb.close()
+    mark.unlink()
+
+
 def up(config: stack.StackConfig | None = None, parts: Sequence[str] | None = None) -> dict[str, stack.PartStatus]:
     """Start what is not running; schema and tables are brought up to date before the apps start."""
     cfg = config or stack.StackConfig.from_env()
@@ -60,5 +82,7 @@ def up(config: stack.StackConfig | None = None, parts: Sequence[str] | None = No
         settings = load(home=cfg.state)
         migrate(settings)
         ensure_read_models(settings)
+        if "consumer" in apps:
+            _forget_checkpoints_of_reset_streams(cfg, settings)
         stack.up(cfg, apps)
     return stack.status(cfg)
