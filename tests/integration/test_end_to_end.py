@@ -13,13 +13,16 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 
 from event_bus.auth import issue_dev_token
-from tagbus import lifecycle, stack
+from event_bus.envelope import CONFIG_SET, StoredEvent
+from event_bus.tailer import KinesisPublisher
+from tagbus import aws, lifecycle, stack
 from tagbus import settings as settings_mod
 
 pytestmark = pytest.mark.stack
@@ -90,6 +93,36 @@ def test_killed_tailer_loses_nothing(live: settings_mod.Settings) -> None:
         lifecycle.up()  # brings the tailer back
         for key, version in versions.items():
             assert _wait_for(client, key, version)["value"] == int(key.rsplit("k", 1)[1])
+
+
+def test_kpl_aggregated_records_are_deaggregated_by_the_daemon(live: settings_mod.Settings) -> None:
+    """Records the tailer packs with ``--aggregate`` reach the read models one event each."""
+    tenant = f"agg-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    events = [
+        StoredEvent(
+            id=str(uuid.uuid4()),
+            tenant=tenant,
+            stream=f"tenantconfig:agg/k{n % 5}",
+            version=n // 5 + 1,
+            type=CONFIG_SET,
+            source="/e2e/aggregated",
+            recorded_at=now,
+            data={"key": f"tenantconfig:agg/k{n % 5}", "value": n},
+            position=1,
+        )
+        for n in range(40)
+    ]
+    kinesis = aws.client(live, "kinesis")
+    calls: list[int] = []
+    counter = lambda params, **_: calls.append(len(params["Records"]))  # noqa: E731
+    kinesis.meta.events.register("provide-client-params.kinesis.PutRecords", counter)
+    KinesisPublisher(kinesis, live.stream_name, aggregate=True).publish(events)
+    assert sum(calls) < len(events), f"not aggregated: {calls} records for {len(events)} events"
+    with _client(live, tenant) as client:
+        for k in range(5):
+            # The last version of each key is 8 (40 events over 5 keys), with value 35 + k.
+            assert _wait_for(client, f"tenantconfig:agg/k{k}", 8)["value"] == 35 + k
 
 
 def test_status_shows_that_progress_is_moving(live: settings_mod.Settings) -> None:

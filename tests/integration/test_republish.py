@@ -24,7 +24,9 @@ from event_bus.settings import TailerSettings
 from event_bus.tailer import KinesisPublisher, LogTailer, TailerMetrics
 from tests.fixtures.kinesis import versions_on_stream
 
-T0 = datetime(2025, 1, 1, tzinfo=UTC)
+# Start of the current month: the events table is partitioned by month, and migrations make
+# partitions from the current month on (older months exist only where rows were copied).
+T0 = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
 def insert(
