@@ -62,6 +62,9 @@ class StoredEvent:
     metadata: dict[str, Any] = field(default_factory=dict)
     #: Commit LSN of the transaction that stored the event, as an integer; 0 when unknown.
     position: int = 0
+    #: The event carries a payload even though ``data`` is ``None``: it was sent as
+    #: ``"data": null``, which CloudEvents tells apart from no ``data`` at all.
+    null_data: bool = False
 
     def to_cloudevent(self) -> dict[str, Any]:
         """The envelope as CloudEvents JSON attributes, with the bus-assigned extensions."""
@@ -89,7 +92,7 @@ class StoredEvent:
         for name, value in self.metadata.get("extensions", {}).items():
             if name not in _KNOWN_ATTRIBUTES:
                 body[name] = value
-        if self.data is not None:
+        if self.data is not None or self.null_data:
             body["data"] = self.data
         if self.position:
             body["position"] = self.position
@@ -125,6 +128,7 @@ class StoredEvent:
             datacontenttype=body.get("datacontenttype"),
             metadata=metadata,
             position=int(body.get("position", 0)),
+            null_data="data" in body and body["data"] is None,
         )
 
     @classmethod

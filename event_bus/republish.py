@@ -54,7 +54,7 @@ _SELECT: Final = sql.SQL(
         GROUP BY stream_id
     )
     SELECT e.event_id, e.tenant_id, e.stream_id, e.version, e.type, e.source, e.subject,
-           e.occurred_at, e.recorded_at, e.data, e.metadata
+           e.occurred_at, e.recorded_at, e.data::text, e.metadata
     FROM starts s
     JOIN events e ON e.tenant_id = %(tenant)s AND e.stream_id = s.stream_id AND e.version >= s.first_version
     ORDER BY e.stream_id, e.version

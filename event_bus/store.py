@@ -40,13 +40,13 @@ from event_bus.validation import NewEvent
 # The key row gives the event's primary key, so the join reads one partition's index.
 SELECT_EVENT = (
     "SELECT e.event_id, e.tenant_id, e.stream_id, e.version, e.type, e.source, e.subject, e.occurred_at,"
-    " e.recorded_at, e.data, e.metadata, e.digest FROM event_keys k"
+    " e.recorded_at, e.data::text, e.metadata, e.digest FROM event_keys k"
     " JOIN events e ON e.id = k.id AND e.recorded_at = k.recorded_at"
     " WHERE k.tenant_id = %s AND k.event_id = %s"
 )
 SELECT_KEY = "SELECT stream_id, version, recorded_at, digest FROM event_keys WHERE tenant_id = %s AND event_id = %s"
 SELECT_STREAM = (
-    "SELECT event_id, tenant_id, stream_id, version, type, source, subject, occurred_at, recorded_at, data,"
+    "SELECT event_id, tenant_id, stream_id, version, type, source, subject, occurred_at, recorded_at, data::text,"
     " metadata, digest FROM events WHERE tenant_id = %s AND stream_id = %s AND version >= %s"
     " ORDER BY version LIMIT %s"
 )
@@ -86,9 +86,11 @@ BUMP_STREAMS = (
 INSERT_EVENTS = (
     "INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,"
     " data, metadata, digest)"
-    " SELECT * FROM jsonb_to_recordset(%s::jsonb) AS r(event_id text, tenant_id text, stream_id text,"
-    " version bigint, type text, source text, subject text, occurred_at timestamptz, data jsonb, metadata jsonb,"
-    " digest text)"
+    " SELECT event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,"
+    " CASE WHEN null_data THEN 'null'::jsonb ELSE data END, metadata, digest"
+    " FROM jsonb_to_recordset(%s::jsonb) AS r(event_id text, tenant_id text, stream_id text,"
+    " version bigint, type text, source text, subject text, occurred_at timestamptz, data jsonb, null_data boolean,"
+    " metadata jsonb, digest text)"
 )
 FIND_EXISTING = (
     "SELECT e.tenant_id, e.event_id, e.stream_id, e.version, e.recorded_at, e.digest"
@@ -327,6 +329,8 @@ async def write_new(conn: psycopg.AsyncConnection[Any], events: Sequence[NewEven
             "subject": e.subject,
             "occurred_at": e.time,
             "data": e.data,
+            # jsonb_to_recordset reads a JSON null as SQL NULL (no payload): say which it is.
+            "null_data": e.has_data and e.data is None,
             "metadata": e.metadata,
             "digest": e.digest,
         }
@@ -346,7 +350,8 @@ def _rows(rows: list[dict[str, Any]]) -> Jsonb:
 
 def insert_params(event: NewEvent) -> tuple[Any, ...]:
     """Parameters of an events-table insert, in column order, without the version."""
-    data = Jsonb(event.data) if event.data is not None else None
+    # A "data": null payload is stored as JSON null; SQL NULL means the event had no data.
+    data = Jsonb(event.data) if event.data is not None or event.has_data else None
     return (
         event.id,
         event.tenant,
@@ -366,8 +371,13 @@ def _with_version(params: tuple[Any, ...], version: int) -> tuple[Any, ...]:
 
 
 def stored_event(row: TupleRow | Sequence[Any]) -> StoredEvent:
-    """A stored event from a row whose first columns are those of ``SELECT_EVENT``."""
+    """A stored event from a row whose first columns are those of ``SELECT_EVENT``.
+
+    ``data`` comes as text (``data::text``): decoded jsonb gives ``None`` for both SQL NULL
+    (no payload) and JSON null (a null payload), which the envelope tells apart.
+    """
     metadata = dict(row[10] or {})
+    data = orjson.loads(row[9]) if row[9] is not None else None
     return StoredEvent(
         id=row[0],
         tenant=row[1],
@@ -378,7 +388,8 @@ def stored_event(row: TupleRow | Sequence[Any]) -> StoredEvent:
         subject=row[6],
         time=row[7],
         recorded_at=row[8],
-        data=row[9],
+        data=data,
         datacontenttype=metadata.pop("datacontenttype", None),
         metadata=metadata,
+        null_data=row[9] is not None and data is None,
     )

@@ -177,6 +177,7 @@ def _event_from_row(text: tuple[str | None, ...], position: int) -> StoredEvent:
         if type(meta) is not dict:
             raise ValueError(f"metadata is {type(meta).__name__}, expected an object")
         content_type = meta.get("datacontenttype")
+        payload = orjson.loads(data) if data is not None else None
         return StoredEvent(
             id=event_id,
             tenant=tenant,
@@ -185,12 +186,14 @@ def _event_from_row(text: tuple[str | None, ...], position: int) -> StoredEvent:
             type=str(type_),
             source=str(source),
             recorded_at=_timestamp(recorded_at),
-            data=orjson.loads(data) if data is not None else None,
+            data=payload,
             subject=subject,
             time=_timestamp(occurred_at) if occurred_at is not None else None,
             datacontenttype=content_type if isinstance(content_type, str) else None,
             metadata=meta,
             position=position,
+            # The column's text "null" (a null payload) is not a NULL column (no payload).
+            null_data=data is not None and payload is None,
         )
     except (ValueError, orjson.JSONDecodeError) as exc:
         raise EventDecodeError(f"event {event_id!r}: {exc}", position=position) from exc

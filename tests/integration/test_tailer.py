@@ -185,6 +185,25 @@ def test_metadata_becomes_envelope_fields(database_url: str, slot_name: str, tai
     assert (body["correlationid"], body["causationid"], body["position"]) == ("corr", "cause", event.position)
 
 
+def test_a_null_payload_stays_distinct_from_no_payload(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    sink = RecordingSink()
+    tailer = make_tailer(database_url, slot_name, sink)
+    tailers.append(tailer)
+    tailer.try_activate()
+    with psycopg.connect(database_url) as conn:
+        insert_event(conn, "no-data", stream="s1")
+        conn.execute(
+            "INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, data, metadata, digest)"
+            " VALUES ('null-data', 'acme', 's2', 1, 't', '/tests', 'null'::jsonb, '{}'::jsonb, 'digest')"
+        )
+    tailer.drain()
+    bodies = {e.id: orjson.loads(e.to_record_data()) for e in sink.events}
+    assert "data" not in bodies["no-data"]
+    assert "data" in bodies["null-data"] and bodies["null-data"]["data"] is None
+
+
 # ------------------------------------------------------------------ at-least-once
 
 
