@@ -399,6 +399,7 @@ def create_app(
         workers=settings.commit_workers,
         max_group=settings.max_commit_group,
         max_waiting=settings.max_waiting,
+        max_delay=settings.max_queue_delay_seconds,
         on_commit=metrics.batch_size.observe,
     )
     # Makes this month's partition of events and the next ones at start, then daily.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,7 @@ class _Pending:
     event: NewEvent
     future: asyncio.Future[AppendResult]
     done: bool = field(default=False)
+    enqueued: float = field(default_factory=time.monotonic)
 
     def settle(self, outcome: AppendResult | Exception) -> None:
         if self.done or self.future.done():
@@ -94,7 +96,10 @@ class GroupCommitter:
     ``workers`` groups may be in flight at once (each on its own connection), and a group
     takes at most ``max_group`` waiting requests. ``max_waiting`` bounds the queue: past
     it, requests are refused at once with :class:`StoreUnavailable` (the app answers 503)
-    instead of waiting towards a timeout.
+    instead of waiting towards a timeout. ``max_delay`` bounds the wait itself: a request
+    that waited longer for its group is refused unwritten, and while the last group taken
+    had waited that long, new requests are refused at once (a queue that has been late
+    stays late until it drains: admitting more only makes everyone wait past their timeout).
     """
 
     def __init__(
@@ -104,9 +109,15 @@ class GroupCommitter:
         workers: int = 4,
         max_group: int = 256,
         max_waiting: int = 4_096,
+        max_delay: float = 1.0,
         on_commit: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
+        self._max_delay = max_delay
+        self._clock = clock
+        #: How long the requests of the last group taken had waited, at most.
+        self._lag = 0.0
         self._workers = workers
         self._max_group = max_group
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_waiting)
@@ -131,7 +142,9 @@ class GroupCommitter:
 
     async def append(self, event: NewEvent) -> AppendResult:
         """Append one event; returns after the transaction holding it committed."""
-        pending = _Pending(event, asyncio.get_running_loop().create_future())
+        if self._lag > self._max_delay and not self._queue.empty():
+            raise StoreUnavailable(f"requests wait over {self._max_delay:g}s for the database")
+        pending = _Pending(event, asyncio.get_running_loop().create_future(), enqueued=self._clock())
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
@@ -143,6 +156,9 @@ class GroupCommitter:
             group = [await self._queue.get()]
             while len(group) < self._max_group and not self._queue.empty():
                 group.append(self._queue.get_nowait())
+            group = self._shed_late(group)
+            if not group:
+                continue
             try:
                 await self._commit_group(group)
             except asyncio.CancelledError:
@@ -152,6 +168,20 @@ class GroupCommitter:
             except Exception as e:  # never leave a request hanging, whatever happened
                 for pending in group:
                     pending.settle(e if isinstance(e, StoreUnavailable) else StoreUnavailable(str(e)))
+
+    def _shed_late(self, group: list[_Pending]) -> list[_Pending]:
+        """Refuse (unwritten) the requests that waited past ``max_delay``; the rest go on."""
+        now = self._clock()
+        self._lag = now - min(p.enqueued for p in group)
+        if self._lag <= self._max_delay:
+            return group
+        keep = []
+        for pending in group:
+            if now - pending.enqueued > self._max_delay:
+                pending.settle(StoreUnavailable(f"waited over {self._max_delay:g}s for the database"))
+            else:
+                keep.append(pending)
+        return keep
 
     async def _commit_group(self, group: list[_Pending]) -> None:
         # Two requests with one id in one group would collide on the unique index: the

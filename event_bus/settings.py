@@ -49,6 +49,10 @@ class BusSettings:
     commit_workers: int = 4
     max_commit_group: int = 256
     max_waiting: int = 4_096
+    #: A request that waited this long for its group is answered 503 + Retry-After unwritten,
+    #: and while the queue runs that late new requests are refused at once: under overload
+    #: clients get a fast "try later" instead of a timeout.
+    max_queue_delay_seconds: float = 1.0
     max_event_bytes: int = 1_048_576
     max_batch_events: int = 500
     max_batch_bytes: int = 5 * 1_048_576

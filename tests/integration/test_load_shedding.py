@@ -36,9 +36,41 @@ def small_bus(database_url: str) -> Iterator[RunningBus]:
         commit_workers=1,
         max_commit_group=1,
         max_waiting=2,
+        max_queue_delay_seconds=60.0,  # this fixture is about the queue's length
     )
     with running_bus(settings) as running:
         yield running
+
+
+def test_requests_that_waited_too_long_are_refused_unwritten(database_url: str) -> None:
+    settings = BusSettings(
+        database_url=database_url,
+        auth=AuthSettings(jwt_secret=SECRET),
+        pool_size=4,
+        commit_workers=1,
+        max_commit_group=1,
+        max_queue_delay_seconds=0.5,
+    )
+    with running_bus(settings) as bus, bus.client("acme") as client:
+        assert client.post("/v1/events", json=event(subject="hot")).status_code == 201
+        with psycopg.connect(database_url) as lock, ThreadPoolExecutor(4) as pool:
+            # The one commit worker blocks on the stream's row lock; later requests queue behind it.
+            lock.execute("SELECT version FROM streams WHERE tenant_id = 'acme' AND stream_id = 'hot' FOR UPDATE")
+            blocked = pool.submit(client.post, "/v1/events", json=event(subject="hot"))
+            time.sleep(0.3)
+            queued = [pool.submit(client.post, "/v1/events", json=event(subject="hot")) for _ in range(3)]
+            time.sleep(1.5)
+            lock.rollback()
+            answers = [f.result() for f in queued]
+        assert blocked.result().status_code == 201
+        for response in answers:
+            assert response.status_code == 503, response.text
+            assert int(response.headers["retry-after"]) >= 1
+        # The queue is on time again: the next request is served.
+        assert client.post("/v1/events", json=event(subject="hot")).status_code == 201
+    with psycopg.connect(database_url) as conn:
+        [(count,)] = conn.execute("SELECT count(*) FROM events WHERE stream_id = 'hot'").fetchall()
+    assert count == 3  # the refused ones were never written
 
 
 def test_excess_requests_get_503_with_retry_after_instead_of_hanging(small_bus: RunningBus, database_url: str) -> None:
