@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ import pytest
 
 from event_bus.app import create_app
 from event_bus.envelope import StoredEvent
-from event_bus.server import ServerSettings, build_server
+from event_bus.server import ServerSettings
 from event_bus.settings import AuthSettings, BusSettings
 from projections.router import TagRouter
 from projections.stores.memory import MemoryConfigStore
 from tagbus.compose import RouterConfigReader
-from tests.fixtures.bus import SECRET, TAGS, _free_port
+from tests.fixtures.bus import SECRET, TAGS, _free_port, serve
 from tests.fixtures.jwks import AUDIENCE, ISSUER, JwksServer, claims, serve_jwks, sign
 from tests.fixtures.postgres_cluster import cloned_database
 
@@ -140,22 +139,14 @@ def serve_bus(database_url: str, jwks: JwksServer, router: TagRouter) -> Iterato
         body_timeout_seconds=BODY_TIMEOUT,
     )
     server_settings = ServerSettings(port=_free_port(), header_timeout_seconds=HEADER_TIMEOUT)
-    server = build_server(app, server_settings)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the bus did not start")
-        time.sleep(0.02)
+    stop = serve(app, server_settings.port, server_settings)
     bus = HostileBus(f"http://127.0.0.1:{server_settings.port}", jwks, router, server_settings)
     try:
         yield bus
         # After everything the suite threw at it, the bus still answers.
         assert bus.healthy() and httpx.get(f"{bus.base_url}/readyz", timeout=5).status_code == 200
     finally:
-        server.should_exit = True
-        thread.join(10)
+        stop()
 
 
 @pytest.fixture(scope="session")
