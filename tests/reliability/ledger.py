@@ -185,6 +185,7 @@ class LoadDriver:
         self._issue_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._errors: list[BaseException] = []
+        self._stop = threading.Event()
 
     def start(self) -> LoadDriver:
         self.ledger.started_at = time.monotonic()
@@ -203,6 +204,10 @@ class LoadDriver:
         while len(self.ledger) < count and time.monotonic() < deadline and self.running:
             time.sleep(0.02)
         return len(self.ledger)
+
+    def stop(self) -> None:
+        """End the load early: each worker finishes the request it is in, then returns."""
+        self._stop.set()
 
     @property
     def running(self) -> bool:
@@ -246,7 +251,7 @@ class LoadDriver:
     def _work(self, deadline: float) -> None:
         clients: dict[str, TagbusClient] = {}
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self._stop.is_set():
                 item = self._next()
                 if item is None:
                     return
