@@ -289,7 +289,7 @@ def run_fault(
     times: int,
     lead_in: float = 2.0,
     gap: tuple[float, float] = (1.0, 3.0),
-    pace: float = 0.01,
+    pace: float = 0.05,
     check_timeout: float = 120.0,
 ) -> tuple[FaultResult, LedgerReport]:
     """Steady load; ``inject()`` ``times`` times at random moments; recovery probe; ledger check.

@@ -80,10 +80,12 @@ def test_kinesis_throttling_under_load(live_stack: settings_mod.Settings, mode: 
     """The stack's tailer is swapped for one in this process whose boto3 client throttles (see throttle.py)."""
     stack.down(parts=["tailer"])
     client = aws.client(live_stack, "kinesis", connect_timeout=5, read_timeout=15, retries={"max_attempts": 1})
-    throttling = ThrottlingKinesis(client, records_per_second=100.0)
+    throttling = ThrottlingKinesis(client, records_per_second=20.0)
     stop = threading.Event()
     relay = threading.Thread(
-        target=run_tailer, args=(live_stack.tailer(), throttling), kwargs={"stop": stop, "metrics_port": None}
+        target=run_tailer,
+        args=(live_stack.tailer(), throttling),
+        kwargs={"stop": stop, "metrics_port": None, "aggregate": False},
     )
     relay.start()
     throttled_for = max(5.0, mode.outage_seconds)
@@ -91,7 +93,7 @@ def test_kinesis_throttling_under_load(live_stack: settings_mod.Settings, mode: 
         result, report = run_fault(
             live_stack,
             "kinesis throttling",
-            "injected: boto3 client wrapper, 1 shard budget 100 records/s, random partial failures"
+            "injected: boto3 client wrapper, 1 shard budget 20 records/s (unaggregated), random partial failures"
             " + 10% whole calls refused (kinesis-mock enforces no shard limit)",
             lambda: faults.time.sleep(throttled_for),
             times=1,

@@ -1,0 +1,79 @@
+"""Capacity, a soak at 80% of it, 3× capacity, recovery: back pressure instead of timeouts, flat memory.
+
+Short run (CI): 30 s soak, 10 s overload. ``TAGBUS_RELIABILITY=full``: 5-minute soak, 60 s overload.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tagbus import settings as settings_mod
+from tests.reliability.faults import Mode
+from tests.reliability.overload import LoadPool, Sampler, memory, per_second, summarize
+from tests.reliability.report import Results
+
+pytestmark = pytest.mark.stack
+
+CAPACITY_CLIENTS = 64
+
+
+def test_soak_then_three_times_capacity(live_stack: settings_mod.Settings, mode: Mode, results: Results) -> None:
+    pool = LoadPool(live_stack, workers=2)
+    sampler = Sampler(live_stack).start()
+    origin = time.monotonic()
+    phases: list[dict[str, object]] = []
+    try:
+        phases.append({"t": 0.0, "label": "capacity"})
+        measured = pool.closed(CAPACITY_CLIENTS, mode.capacity_seconds)
+        capacity = summarize(measured, mode.capacity_seconds)["acked_rate"]
+        assert capacity > 0, "no event acknowledged while measuring capacity"
+
+        soak_started = time.monotonic()
+        phases.append({"t": soak_started - origin, "label": "soak 80%"})
+        soak_shots = pool.open(0.8 * capacity, mode.soak_seconds)
+        soak_ended = time.monotonic()
+
+        phases.append({"t": soak_ended - origin, "label": "3x"})
+        over_shots = pool.open(3 * capacity, mode.overload_seconds)
+
+        recovery_seconds = max(10.0, mode.overload_seconds / 2)
+        phases.append({"t": time.monotonic() - origin, "label": "after"})
+        after_shots = pool.open(0.8 * capacity, recovery_seconds)
+    finally:
+        sampler.stop()
+        pool.close()
+
+    soak = summarize(soak_shots, mode.soak_seconds)
+    soak["target_rate"] = 0.8 * capacity
+    soak["memory"] = memory(sampler.samples, soak_started, soak_ended, warm_up=min(60.0, mode.soak_seconds / 3))
+    over = summarize(over_shots, mode.overload_seconds)
+    after = summarize(after_shots, recovery_seconds)
+    notes = []
+    if over["achieved_rate"] < 2.5 * capacity:
+        notes.append(
+            f"The load generator offered only {over['achieved_rate']:.0f}/s in the 3× phase"
+            f" (target {3 * capacity:.0f}/s): it shares the 2 CPUs with the stack."
+        )
+    results.overload = {
+        "capacity": {"events_per_second": capacity, "clients": CAPACITY_CLIENTS, "seconds": mode.capacity_seconds},
+        "soak": soak,
+        "overload": over,
+        "recovery": after,
+        "series": per_second(soak_shots + over_shots + after_shots, origin, sampler.samples),
+        "phases": phases,
+        "notes": notes,
+    }
+    print(results.overload | {"series": f"{len(results.overload['series'])} points"})
+
+    shed = over["statuses"].get("429", 0) + over["statuses"].get("503", 0)
+    assert over["retry_after"] == shed, "every 429/503 must carry Retry-After"
+    assert over["statuses"].get("timeout", 0) == 0, f"requests timed out under overload instead of a 503: {over}"
+    assert soak["statuses"].get("timeout", 0) == 0, f"requests timed out during the soak: {soak}"
+    # Recovered: the load after the overload is served like the soak's (latency near it, nothing shed).
+    assert after["statuses"].get("2xx", 0) >= 0.99 * after["sent"], after
+    assert after["p50_ms"] <= 3 * soak["p50_ms"] + 20, (soak, after)
+    if mode.soak_seconds >= 120:
+        for part, mem in soak["memory"].items():
+            assert mem["growth_percent"] < 10, f"{part} RSS grew {mem['growth_percent']:.1f}% during the soak"
