@@ -291,11 +291,14 @@ def run_fault(
     gap: tuple[float, float] = (1.0, 3.0),
     pace: float = 0.05,
     check_timeout: float = 120.0,
+    recovery_from_start: bool = True,
 ) -> tuple[FaultResult, LedgerReport]:
     """Steady load; ``inject()`` ``times`` times at random moments; recovery probe; ledger check.
 
-    ``inject`` returns when the fault is over (the part restarted, or resumed): recovery is
-    measured from then until a fresh event posted afterwards reaches its read model.
+    ``inject`` returns when the fault is over (the part restarted, or resumed). Recovery is
+    measured until a fresh event posted then reaches its read model, from the injection
+    (a kill or restart: the restart is part of the recovery) or, with
+    ``recovery_from_start=False``, from the end of an outage of a given length.
     """
     driver = LoadDriver(settings, events=10**7, tenants=5, keys=20, threads=4, max_seconds=3600, pace=pace).start()
     probe = Probe(settings)
@@ -305,9 +308,10 @@ def run_fault(
         for _ in range(times):
             time.sleep(random.uniform(*gap))
             assert driver.running, "the load driver stopped before the fault"
+            began = time.monotonic()
             inject()
             ended = time.monotonic()
-            recoveries.append(probe.seconds_until_through(ended))
+            recoveries.append(probe.seconds_until_through(began if recovery_from_start else ended))
         time.sleep(1.0)
     finally:
         driver.stop()

@@ -375,6 +375,10 @@ def _user_records(records: list[dict[str, Any]]) -> Iterator[bytes]:
     parse after printing to stderr: the check must see every failure.
     """
     import aws_kinesis_agg  # type: ignore[import-untyped]
+
+    # The package's own modules put it on sys.path so that its generated protobuf modules
+    # import each other; importing one of them first is what makes messages_pb2 importable.
+    import aws_kinesis_agg.deaggregator
     from aws_kinesis_agg import messages_pb2
 
     magic, digest = aws_kinesis_agg.MAGIC, aws_kinesis_agg.DIGEST_SIZE

@@ -84,8 +84,9 @@ def render_markdown(results: Results, hostile: dict[str, dict[str, int]] | None,
         " exactly once, on the stream in version order, and each read-model key at its last version)."
         " *Duplicated* counts events stored more than once (an effect); *resent* counts records the tailer"
         " published again after a fault (at-least-once, no effect: projections apply by version)."
-        " *Recovery* is from the end of the fault (part restarted / resumed) until an event posted then"
-        " was readable from its read model (worst of the injections).",
+        " *Recovery* is the time until an event posted right after the fault was readable from its read"
+        " model, counted from the kill (kills, PostgreSQL restarts: the restart is part of it) or from the"
+        " resume (outages); the worst of the injections. For throttling the throttle lasts the whole row.",
         "",
         "| fault | injected | acked | unacked | lost | duplicated | resent | recovery s | how |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
