@@ -59,7 +59,7 @@ class Mode:
         value = (os.environ if environ is None else environ).get(MODE_VARIABLE, "short")
         if value == "full":
             return cls("full", kills=3, outage_seconds=30, soak_seconds=300, overload_seconds=60, capacity_seconds=10)
-        return cls("short", kills=1, outage_seconds=5, soak_seconds=30, overload_seconds=10, capacity_seconds=5)
+        return cls("short", kills=1, outage_seconds=5, soak_seconds=20, overload_seconds=5, capacity_seconds=3)
 
     @property
     def writes_report(self) -> bool:

@@ -16,13 +16,16 @@ the replication slot's lag once per second.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import statistics
+import subprocess
 import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -81,8 +84,9 @@ async def _post(client: Any, token: str, body: bytes, shots: list[Shot]) -> None
     sent = time.monotonic()
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/cloudevents+json"}
     try:
-        response = await client.post("/v1/events", content=body, headers=headers)
-    except httpx.TimeoutException:
+        # Bounded as a whole: httpx's timeout applies per phase (pool, connect, write, read).
+        response = await asyncio.wait_for(client.post("/v1/events", content=body, headers=headers), REQUEST_TIMEOUT)
+    except (httpx.TimeoutException, TimeoutError):
         shots.append(Shot(sent, time.monotonic() - sent, TIMEOUT, False))
         return
     except httpx.TransportError:
@@ -144,6 +148,36 @@ def _worker(kind: str, base_url: str, token: str, amount: float, seconds: float,
     return asyncio.run(_closed_loop(base_url, token, int(amount), seconds, start))
 
 
+WRK_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "wrk" / "post_events.lua"
+
+
+def measure_capacity(settings: Settings, seconds: float, *, connections: int = 64) -> dict[str, float]:
+    """Ingest capacity with ``wrk`` (closed loop, C, so the client is not the bottleneck): 2xx/s."""
+    token = _token(settings, f"capacity-{uuid.uuid4().hex[:6]}")
+    argv = [
+        "wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(WRK_SCRIPT),
+        f"{settings.base_url}/v1/events", "--", token, f"cap-{uuid.uuid4().hex[:8]}", "0",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    line = next(line for line in out.splitlines() if line.startswith("WRKJSON "))
+    figures = json.loads(line.removeprefix("WRKJSON "))
+    duration = figures["duration_us"] / 1e6
+    ok = figures["requests"] - figures["non2xx"]
+    return {
+        "events_per_second": ok / duration,
+        "p50_ms": figures["p50_us"] / 1000,
+        "p99_ms": figures["p99_us"] / 1000,
+        "non2xx": figures["non2xx"],
+        "seconds": duration,
+        "clients": connections,
+    }
+
+
+def _ready() -> bool:
+    """Run once per worker at start: unpickling it imports this module (seconds on a busy machine)."""
+    return True
+
+
 class LoadPool:
     """A few worker processes that split a load between them."""
 
@@ -152,6 +186,8 @@ class LoadPool:
         self._workers = workers
         self._pool = multiprocessing.get_context("spawn").Pool(workers)
         self._tokens = [_token(settings, f"soak-{uuid.uuid4().hex[:6]}-{i}") for i in range(workers)]
+        # Imports done before any timed phase: a worker that starts late would shorten it.
+        assert all(self._pool.starmap(_ready, [()] * workers * 4))
 
     def closed(self, clients: int, seconds: float) -> list[Shot]:
         return self._run("closed", [clients // self._workers] * self._workers, seconds)
@@ -160,7 +196,7 @@ class LoadPool:
         return self._run("open", [rate / self._workers] * self._workers, seconds)
 
     def _run(self, kind: str, amounts: list[float], seconds: float) -> list[Shot]:
-        start = time.monotonic() + 1.0  # CLOCK_MONOTONIC is system-wide: the workers share it
+        start = time.monotonic() + 0.5  # CLOCK_MONOTONIC is system-wide: the workers share it
         args = [
             (kind, self._settings.base_url, token, amount, seconds, start)
             for token, amount in zip(self._tokens, amounts, strict=True)

@@ -138,8 +138,10 @@ def _overload_section(overload: dict[str, Any] | None, plot: str | None) -> list
     over = overload["overload"]
     after = overload["recovery"]
     lines = [
-        f"Capacity, measured first: {cap['events_per_second']:.0f} events/s"
-        f" ({cap['clients']} closed-loop clients, {cap['seconds']:.0f} s, single-event POSTs).",
+        f"Capacity, measured first: {cap['events_per_second']:.0f} events/s acknowledged by the phases' own"
+        f" client (2 Python worker processes, asyncio + httpx, {cap['clients']} closed-loop clients,"
+        f" {cap['seconds']:.0f} s; p50 {cap['p50_ms']:.1f} ms, p99 {cap['p99_ms']:.1f} ms). It shares the 2 CPUs"
+        f" with the stack; for reference wrk (64 connections) got {cap.get('events_per_second_wrk', 0):.0f}/s.",
         "",
         f"Soak: {soak['seconds']:.0f} s open-loop at {soak['target_rate']:.0f} events/s"
         f" (80%; achieved {soak['achieved_rate']:.0f}/s).",

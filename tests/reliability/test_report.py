@@ -26,7 +26,7 @@ def _overload() -> dict[str, object]:
         "p99_ms": 40.0,
     }
     return {
-        "capacity": {"events_per_second": 1234.0, "clients": 64, "seconds": 5},
+        "capacity": {"events_per_second": 1234.0, "clients": 16, "seconds": 5, "p50_ms": 5.0, "p99_ms": 50.0},
         "soak": phase | {"target_rate": 987.0, "memory": {"bus": {"start": 2**20, "end": 2**20, "growth_percent": 0}}},
         "overload": phase,
         "recovery": phase,
