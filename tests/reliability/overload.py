@@ -293,8 +293,9 @@ def per_second(shots: list[Shot], origin: float, samples: list[dict[str, float]]
         points.append(
             {
                 "t": float(second),
-                "p50_ms": statistics.median(values) if values else 0.0,
-                "p99_ms": _percentile(values, 0.99),
+                # NaN, not 0, for a second without an acknowledged post: the plot shows a gap.
+                "p50_ms": statistics.median(values) if values else float("nan"),
+                "p99_ms": _percentile(values, 0.99) if values else float("nan"),
                 "slot_lag_bytes": lag.get(second, 0.0),
             }
         )
