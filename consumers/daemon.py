@@ -36,6 +36,8 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,20 +230,59 @@ def run_daemon(
     java: str = "java",
     env: Mapping[str, str] | None = None,
     log_level: str = "INFO",
+    max_restarts: int = 5,
+    restart_window: float = 60.0,
+    restart_delay: float = 1.0,
 ) -> int:
-    """Run the daemon in the foreground until it exits; SIGTERM/SIGINT are passed on to it.
+    """Run the daemon in the foreground, restarting it when it dies; SIGTERM/SIGINT are passed on.
 
-    Returns the daemon's exit code. For the ``tagbus consumer`` entry point.
+    The MultiLangDaemon calls ``System.exit(1)`` as soon as one record processor (a child
+    process) fails or dies, so a crashed processor would otherwise stop consumption until
+    someone restarts the consumer. It is restarted here after ``restart_delay`` seconds:
+    the stable worker id lets the new JVM take its leases back at once, and processing
+    resumes from the last checkpoint (the projections are idempotent). More than
+    ``max_restarts`` exits within ``restart_window`` seconds is a crash loop: the last exit
+    code is returned instead. Returns the daemon's exit code once it exits after a stop
+    signal, on its own with 0, or in a crash loop. For the ``tagbus consumer`` entry point.
     """
-    process = start_daemon(settings, jars_dir=jars_dir, workdir=workdir, java=java, env=env, log_level=log_level)
+
+    def start() -> subprocess.Popen[bytes]:
+        return start_daemon(settings, jars_dir=jars_dir, workdir=workdir, java=java, env=env, log_level=log_level)
+
+    current = [start()]
+    stopping = [False]
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        if process.poll() is None:
-            process.send_signal(signum)
+        stopping[0] = True
+        if current[0].poll() is None:
+            current[0].send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    exits: list[float] = []
     try:
-        return process.wait()
+        while True:
+            code = current[0].wait()
+            if stopping[0] or code == 0:
+                return code
+            now = time.monotonic()
+            exits = [t for t in exits if now - t < restart_window] + [now]
+            if len(exits) > max_restarts:
+                print(
+                    f"tagbus consumer: the MultiLangDaemon exited {len(exits)} times in {restart_window:g}s; giving up",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return code
+            print(
+                f"tagbus consumer: the MultiLangDaemon exited with {code} (a record processor or the JVM died);"
+                f" restarting in {restart_delay:g}s",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(restart_delay)
+            if stopping[0]:
+                return code
+            current[0] = start()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

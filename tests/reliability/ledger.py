@@ -185,6 +185,7 @@ class LoadDriver:
         self._issue_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._errors: list[BaseException] = []
+        self._stop = threading.Event()
 
     def start(self) -> LoadDriver:
         self.ledger.started_at = time.monotonic()
@@ -203,6 +204,10 @@ class LoadDriver:
         while len(self.ledger) < count and time.monotonic() < deadline and self.running:
             time.sleep(0.02)
         return len(self.ledger)
+
+    def stop(self) -> None:
+        """End the load early: each worker finishes the request it is in, then returns."""
+        self._stop.set()
 
     @property
     def running(self) -> bool:
@@ -246,7 +251,7 @@ class LoadDriver:
     def _work(self, deadline: float) -> None:
         clients: dict[str, TagbusClient] = {}
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self._stop.is_set():
                 item = self._next()
                 if item is None:
                     return
@@ -350,8 +355,8 @@ class KinesisTail:
     def _drain(self, iterator: str | None) -> str | None:
         while iterator:
             page = self._client.get_records(ShardIterator=iterator, Limit=10_000)
-            for record in page["Records"]:
-                event = StoredEvent.from_record_data(record["Data"])
+            for data in _user_records(page["Records"]):
+                event = StoredEvent.from_record_data(data)
                 if event.tenant in self._tenants:
                     self.events.append(event)
             # A closed shard ends with no next iterator; an open one is drained when a read
@@ -361,6 +366,32 @@ class KinesisTail:
                 return next_iterator
             iterator = next_iterator
         return None
+
+
+def _user_records(records: list[dict[str, Any]]) -> Iterator[bytes]:
+    """The payload of every user record, KPL aggregates unpacked (the tailer may aggregate).
+
+    Unpacked here rather than with ``deaggregate_records``, which skips a record it cannot
+    parse after printing to stderr: the check must see every failure.
+    """
+    import aws_kinesis_agg  # type: ignore[import-untyped]
+
+    # The package's own modules put it on sys.path so that its generated protobuf modules
+    # import each other; importing one of them first is what makes messages_pb2 importable.
+    import aws_kinesis_agg.deaggregator
+    from aws_kinesis_agg import messages_pb2
+
+    magic, digest = aws_kinesis_agg.MAGIC, aws_kinesis_agg.DIGEST_SIZE
+    for record in records:
+        data: bytes = record["Data"]
+        body = data[len(magic) : -digest]
+        if not data.startswith(magic) or hashlib.md5(body).digest() != data[-digest:]:
+            yield data
+            continue
+        aggregate = messages_pb2.AggregatedRecord()
+        aggregate.ParseFromString(body)
+        for user in aggregate.records:
+            yield bytes(user.data)
 
 
 @dataclass

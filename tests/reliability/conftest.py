@@ -1,0 +1,34 @@
+"""Fixtures of the reliability suite: the live local stack, the run's mode, and the report it feeds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tagbus import lifecycle
+from tagbus import settings as settings_mod
+from tests.reliability.faults import Mode
+from tests.reliability.report import Results, write_report
+
+
+@pytest.fixture(scope="session")
+def mode() -> Mode:
+    return Mode.from_env()
+
+
+@pytest.fixture(scope="session")
+def live_stack() -> Iterator[settings_mod.Settings]:
+    """The stack, started if needed; every part is brought back up after the session's faults."""
+    lifecycle.up()
+    yield settings_mod.load()
+    lifecycle.up()
+
+
+@pytest.fixture(scope="session")
+def results(mode: Mode) -> Iterator[Results]:
+    """What the fault and overload tests measured; written to ``reports/`` when a run asks for it."""
+    collected = Results(mode=mode.name)
+    yield collected
+    if mode.writes_report and (collected.faults or collected.overload):
+        write_report(collected)

@@ -1,0 +1,321 @@
+"""Ingest capacity, a soak at 80% of it, 3× capacity, and recovery, against the stack's bus.
+
+Load comes from worker processes (``spawn``ed, so they inherit no threads), each running an
+asyncio loop of ``httpx`` posts of single domain events for enterprise tenants (no quota:
+back pressure must come from the bus's own load shedding, not from a tenant's bucket).
+
+- capacity: closed loop, ``clients`` concurrent posters for a few seconds; events/s acked;
+- open-loop phases: request *i* is sent at ``start + i / rate`` whatever the answers, so an
+  overloaded server cannot slow the offered load down (a closed loop would hide overload).
+
+Every request's send time, latency, status and ``Retry-After`` presence come back to the
+parent; a sampler thread records RSS of the bus, tailer and consumer (process trees) and
+the replication slot's lag once per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import statistics
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from event_bus.auth import issue_dev_token
+from tagbus import stack
+from tagbus.settings import Settings
+from tests.reliability.faults import tree_rss_bytes
+
+#: Client-side timeout of one request: an answer later than this counts as a timeout.
+REQUEST_TIMEOUT = 10.0
+TIMEOUT = -1
+CONNECT_ERROR = -2
+
+_SLOT_LAG = (
+    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint"
+    " FROM pg_replication_slots WHERE slot_name = %s"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Shot:
+    """One request: when it was sent (monotonic), how long it took, the status (or TIMEOUT …)."""
+
+    sent: float
+    seconds: float
+    status: int
+    retry_after: bool
+
+
+def _token(settings: Settings, tenant: str) -> str:
+    auth = settings.auth
+    assert auth.jwt_secret, "TAGBUS_JWT_SECRET must be set"
+    return issue_dev_token(
+        auth.jwt_secret,
+        tenant=tenant,
+        tier="enterprise",
+        scope="events:write",
+        issuer=auth.issuer,
+        audience=auth.audience,
+        now=time.time(),
+    )
+
+
+def _body(prefix: str, n: int) -> bytes:
+    return (
+        b'{"specversion":"1.0","id":"%s-%d","source":"/reliability/soak","type":"reliability.soak",'
+        b'"subject":"soak/%s-%d","data":{"n":%d,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}'
+        % (prefix.encode(), n, prefix.encode(), n, n)
+    )
+
+
+async def _post(client: Any, token: str, body: bytes, shots: list[Shot]) -> None:
+    import httpx
+
+    sent = time.monotonic()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/cloudevents+json"}
+    try:
+        # Bounded as a whole: httpx's timeout applies per phase (pool, connect, write, read).
+        response = await asyncio.wait_for(client.post("/v1/events", content=body, headers=headers), REQUEST_TIMEOUT)
+    except (httpx.TimeoutException, TimeoutError):
+        shots.append(Shot(sent, time.monotonic() - sent, TIMEOUT, False))
+        return
+    except httpx.TransportError:
+        shots.append(Shot(sent, time.monotonic() - sent, CONNECT_ERROR, False))
+        return
+    shots.append(Shot(sent, time.monotonic() - sent, response.status_code, "retry-after" in response.headers))
+
+
+async def _open_loop(base_url: str, token: str, rate: float, seconds: float, start: float) -> list[Shot]:
+    import httpx
+
+    shots: list[Shot] = []
+    prefix = uuid.uuid4().hex[:12]
+    limits = httpx.Limits(max_connections=4_000, max_keepalive_connections=1_000)
+    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT, limits=limits) as client:
+        tasks: set[asyncio.Task[None]] = set()
+        n = 0
+        while True:
+            due = start + n / rate
+            if due - start >= seconds:
+                break
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(_post(client, token, _body(prefix, n), shots))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            n += 1
+        if tasks:
+            await asyncio.wait(tasks)
+    return shots
+
+
+async def _closed_loop(base_url: str, token: str, clients: int, seconds: float, start: float) -> list[Shot]:
+    import httpx
+
+    shots: list[Shot] = []
+    prefix = uuid.uuid4().hex[:12]
+    end = start + seconds
+
+    async def one(i: int, client: Any) -> None:
+        n = 0
+        while time.monotonic() < end:
+            await _post(client, token, _body(f"{prefix}-{i}", n), shots)
+            n += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT, limits=limits) as client:
+        delay = start - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await asyncio.gather(*(one(i, client) for i in range(clients)))
+    return shots
+
+
+def _worker(kind: str, base_url: str, token: str, amount: float, seconds: float, start: float) -> list[Shot]:
+    if kind == "open":
+        return asyncio.run(_open_loop(base_url, token, amount, seconds, start))
+    return asyncio.run(_closed_loop(base_url, token, int(amount), seconds, start))
+
+
+WRK_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "wrk" / "post_events.lua"
+
+
+def measure_capacity(settings: Settings, seconds: float, *, connections: int = 64) -> dict[str, float]:
+    """Ingest capacity with ``wrk`` (closed loop, C, so the client is not the bottleneck): 2xx/s."""
+    token = _token(settings, f"capacity-{uuid.uuid4().hex[:6]}")
+    argv = [
+        "wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(WRK_SCRIPT),
+        f"{settings.base_url}/v1/events", "--", token, f"cap-{uuid.uuid4().hex[:8]}", "0",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    line = next(line for line in out.splitlines() if line.startswith("WRKJSON "))
+    figures = json.loads(line.removeprefix("WRKJSON "))
+    duration = figures["duration_us"] / 1e6
+    ok = figures["requests"] - figures["non2xx"]
+    return {
+        "events_per_second": ok / duration,
+        "p50_ms": figures["p50_us"] / 1000,
+        "p99_ms": figures["p99_us"] / 1000,
+        "non2xx": figures["non2xx"],
+        "seconds": duration,
+        "clients": connections,
+    }
+
+
+def _ready() -> bool:
+    """Run once per worker at start: unpickling it imports this module (seconds on a busy machine)."""
+    return True
+
+
+class LoadPool:
+    """A few worker processes that split a load between them."""
+
+    def __init__(self, settings: Settings, *, workers: int = 2) -> None:
+        self._settings = settings
+        self._workers = workers
+        self._pool = multiprocessing.get_context("spawn").Pool(workers)
+        self._tokens = [_token(settings, f"soak-{uuid.uuid4().hex[:6]}-{i}") for i in range(workers)]
+        # Imports done before any timed phase: a worker that starts late would shorten it.
+        assert all(self._pool.starmap(_ready, [()] * workers * 4))
+
+    def closed(self, clients: int, seconds: float) -> list[Shot]:
+        return self._run("closed", [clients // self._workers] * self._workers, seconds)
+
+    def open(self, rate: float, seconds: float) -> list[Shot]:
+        return self._run("open", [rate / self._workers] * self._workers, seconds)
+
+    def _run(self, kind: str, amounts: list[float], seconds: float) -> list[Shot]:
+        start = time.monotonic() + 0.5  # CLOCK_MONOTONIC is system-wide: the workers share it
+        args = [
+            (kind, self._settings.base_url, token, amount, seconds, start)
+            for token, amount in zip(self._tokens, amounts, strict=True)
+        ]
+        shots: list[Shot] = []
+        for part in self._pool.starmap(_worker, args):
+            shots += part
+        return shots
+
+    def close(self) -> None:
+        self._pool.close()
+        self._pool.join()
+
+
+@dataclass
+class Sampler:
+    """Once per second: RSS of the app parts (process trees) and the tailer slot's lag."""
+
+    settings: Settings
+    samples: list[dict[str, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Sampler:
+        self._thread = threading.Thread(target=self._run, name="reliability-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        slot = self.settings.tailer().slot_name
+        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+            while not self._stop.is_set():
+                status = stack.status()
+                sample: dict[str, float] = {"at": time.monotonic()}
+                for part in ("bus", "tailer", "consumer"):
+                    pid = status[part].pid
+                    sample[f"rss_{part}"] = float(tree_rss_bytes(pid)) if pid else 0.0
+                try:
+                    row = conn.execute(_SLOT_LAG, (slot,)).fetchone()
+                except psycopg.Error:
+                    row = None
+                sample["slot_lag_bytes"] = float(row[0]) if row and row[0] is not None else 0.0
+                self.samples.append(sample)
+                self._stop.wait(1.0)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(shots: list[Shot], seconds: float) -> dict[str, Any]:
+    """Status classes, Retry-After presence and latency of a phase's successful requests."""
+    statuses: Counter[str] = Counter()
+    for shot in shots:
+        if 200 <= shot.status < 300:
+            statuses["2xx"] += 1
+        elif shot.status in (429, 503):
+            statuses[str(shot.status)] += 1
+        elif shot.status in (TIMEOUT, CONNECT_ERROR):
+            statuses["timeout"] += 1
+        else:
+            statuses["other"] += 1
+    ok = [s.seconds * 1000 for s in shots if 200 <= s.status < 300]
+    return {
+        "seconds": seconds,
+        "sent": len(shots),
+        "achieved_rate": len(shots) / seconds if seconds else 0.0,
+        "acked_rate": statuses["2xx"] / seconds if seconds else 0.0,
+        "statuses": dict(statuses),
+        "retry_after": sum(1 for s in shots if s.status in (429, 503) and s.retry_after),
+        "p50_ms": _percentile(ok, 0.50),
+        "p99_ms": _percentile(ok, 0.99),
+    }
+
+
+def per_second(shots: list[Shot], origin: float, samples: list[dict[str, float]]) -> list[dict[str, float]]:
+    """One point per second since ``origin``: latency p50/p99 of the posts sent then, and slot lag."""
+    by_second: dict[int, list[float]] = {}
+    for shot in shots:
+        if 200 <= shot.status < 300:
+            by_second.setdefault(int(shot.sent - origin), []).append(shot.seconds * 1000)
+    lag = {int(s["at"] - origin): s["slot_lag_bytes"] for s in samples}
+    points = []
+    for second in sorted(set(by_second) | set(lag)):
+        values = by_second.get(second, [])
+        points.append(
+            {
+                "t": float(second),
+                # NaN, not 0, for a second without an acknowledged post: the plot shows a gap.
+                "p50_ms": statistics.median(values) if values else float("nan"),
+                "p99_ms": _percentile(values, 0.99) if values else float("nan"),
+                "slot_lag_bytes": lag.get(second, 0.0),
+            }
+        )
+    return points
+
+
+def memory(samples: list[dict[str, float]], since: float, until: float, warm_up: float) -> dict[str, dict[str, float]]:
+    """RSS per part at the end of the warm-up and at the end of the soak, and the growth between."""
+    window = [s for s in samples if since <= s["at"] <= until]
+    warm = [s for s in window if s["at"] >= since + warm_up] or window
+    result: dict[str, dict[str, float]] = {}
+    for part in ("bus", "tailer", "consumer"):
+        if not warm:
+            continue
+        # Medians of a few samples on each side: one GC or JIT moment must not decide the figure.
+        start = statistics.median(s[f"rss_{part}"] for s in warm[:5])
+        end = statistics.median(s[f"rss_{part}"] for s in warm[-5:])
+        result[part] = {
+            "start": start,
+            "end": end,
+            "growth_percent": (end - start) / start * 100 if start else 0.0,
+        }
+    return result

@@ -1,0 +1,204 @@
+"""The reliability report: ``reports/reliability.md`` plus a latency / slot-lag plot (PNG).
+
+Inputs: what the fault and overload tests of this run measured (:class:`Results`, also kept
+as ``reports/reliability-results.json``) and, if present, the hostile-input suite's
+``reports/reliability-hostile.json`` (``{"kinds": {kind: {"tried", "server_errors",
+"cross_tenant_reads"}}}``), written by that suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.reliability.faults import FaultResult
+
+REPORTS = Path(__file__).resolve().parents[2] / "reports"
+MARKDOWN = "reliability.md"
+PLOT = "reliability-latency.png"
+RESULTS_JSON = "reliability-results.json"
+HOSTILE_JSON = "reliability-hostile.json"
+
+
+@dataclass
+class Results:
+    """Everything one run measured; ``overload`` is the soak/overload test's dict (see overload.py)."""
+
+    mode: str
+    faults: list[FaultResult] = field(default_factory=list)
+    overload: dict[str, Any] | None = None
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "started": self.started,
+            "faults": [dataclasses.asdict(f) for f in self.faults],
+            "overload": self.overload,
+        }
+
+
+def write_report(results: Results, directory: Path = REPORTS) -> Path:
+    """Write the JSON results, the plot (when there is a series) and the markdown; the markdown's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / RESULTS_JSON).write_text(json.dumps(results.to_json(), indent=1) + "\n")
+    plotted = plot_series(results.overload, directory / PLOT) if results.overload else False
+    hostile = _read_hostile(directory / HOSTILE_JSON)
+    path = directory / MARKDOWN
+    path.write_text(render_markdown(results, hostile, plot=PLOT if plotted else None))
+    return path
+
+
+def _read_hostile(path: Path) -> dict[str, dict[str, int]] | None:
+    try:
+        kinds = json.loads(path.read_text())["kinds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {
+        str(k): {n: int(v.get(n, 0)) for n in ("tried", "server_errors", "cross_tenant_reads")}
+        for k, v in kinds.items()
+    }
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def render_markdown(results: Results, hostile: dict[str, dict[str, int]] | None, *, plot: str | None) -> str:
+    lines = [
+        "# Reliability report",
+        "",
+        f"Run: `{results.mode}` ({'`make reliability`' if results.mode == 'full' else 'short version, as in CI'}),"
+        f" started {results.started} on {platform.machine()} ({_cpus()} CPUs), against the real local stack"
+        " (PostgreSQL, kinesis-mock, DynamoDB Local, moto, KCL MultiLangDaemon, uvicorn).",
+        "",
+        "## Faults under steady load",
+        "",
+        "Each row: load from the ledger's driver (config sets/deletes and domain events over 5 fresh tenants),"
+        " the fault injected the given number of times, then the ledger check (every acknowledged event stored"
+        " exactly once, on the stream in version order, and each read-model key at its last version)."
+        " *Duplicated* counts events stored more than once (an effect); *resent* counts records the tailer"
+        " published again after a fault (at-least-once, no effect: projections apply by version)."
+        " *Recovery* is the time until an event posted right after the fault was readable from its read"
+        " model, counted from the kill (kills, PostgreSQL restarts: the restart is part of it) or from the"
+        " resume (outages); the worst of the injections. For throttling the throttle lasts the whole row.",
+        "",
+        "| fault | injected | acked | unacked | lost | duplicated | resent | recovery s | how |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for f in results.faults:
+        how = f.method + ("; " + "; ".join(f.notes) if f.notes else "")
+        lines.append(
+            f"| {f.kind} | {f.injected} | {f.acked} | {f.unacked} | {f.lost} | {f.duplicated} |"
+            f" {f.resent_on_stream} | {_seconds(f.recovery_seconds)} | {how} |"
+        )
+    total_lost = sum(f.lost for f in results.faults)
+    total_dup = sum(f.duplicated for f in results.faults)
+    lines += [
+        "",
+        f"Totals: {sum(f.injected for f in results.faults)} faults injected, {sum(f.acked for f in results.faults)}"
+        f" events acknowledged, {total_lost} lost, {total_dup} duplicated,"
+        f" {sum(f.mismatches for f in results.faults)} mismatches.",
+        "",
+        "## Hostile input",
+        "",
+    ]
+    if hostile:
+        lines += ["| kind | tried | server errors | cross-tenant reads |", "|---|---:|---:|---:|"]
+        for kind, row in sorted(hostile.items()):
+            lines.append(f"| {kind} | {row['tried']} | {row['server_errors']} | {row['cross_tenant_reads']} |")
+        lines.append(
+            f"| **total** | {sum(r['tried'] for r in hostile.values())} |"
+            f" {sum(r['server_errors'] for r in hostile.values())} |"
+            f" {sum(r['cross_tenant_reads'] for r in hostile.values())} |"
+        )
+    else:
+        lines.append(f"(`reports/{HOSTILE_JSON}` not present: the hostile-input suite did not run before this report.)")
+    lines += ["", "## Soak and overload", ""]
+    lines += _overload_section(results.overload, plot)
+    return "\n".join(lines) + "\n"
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _overload_section(overload: dict[str, Any] | None, plot: str | None) -> list[str]:
+    if not overload:
+        return ["(not run)"]
+    cap = overload["capacity"]
+    soak = overload["soak"]
+    over = overload["overload"]
+    after = overload["recovery"]
+    lines = [
+        f"Capacity, measured first: {cap['events_per_second']:.0f} events/s acknowledged by the phases' own"
+        f" client (2 Python worker processes, asyncio + httpx, {cap['clients']} closed-loop clients,"
+        f" {cap['seconds']:.0f} s; p50 {cap['p50_ms']:.1f} ms, p99 {cap['p99_ms']:.1f} ms). It shares the 2 CPUs"
+        f" with the stack; for reference wrk (64 connections) got {cap.get('events_per_second_wrk', 0):.0f}/s.",
+        "",
+        f"Soak: {soak['seconds']:.0f} s open-loop at {soak['target_rate']:.0f} events/s"
+        f" (80%; achieved {soak['achieved_rate']:.0f}/s).",
+        "",
+        "| process | RSS start MiB | RSS end MiB | growth after warm-up |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, mem in soak["memory"].items():
+        lines.append(
+            f"| {name} | {mem['start'] / 2**20:.1f} | {mem['end'] / 2**20:.1f} | {mem['growth_percent']:+.1f}% |"
+        )
+    lines += [
+        "",
+        "| phase | offered /s | 2xx | 429 | 503 | other | timeouts / conn. errors"
+        " | Retry-After on 429/503 | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, phase in (("soak 80%", soak), ("overload 3×", over), ("after overload 80%", after)):
+        st = phase["statuses"]
+        lines.append(
+            f"| {label} ({phase['seconds']:.0f} s) | {phase['achieved_rate']:.0f} | {st.get('2xx', 0)} |"
+            f" {st.get('429', 0)} | {st.get('503', 0)} | {st.get('other', 0)} | {st.get('timeout', 0)} |"
+            f" {phase['retry_after']}/{st.get('429', 0) + st.get('503', 0)} |"
+            f" {phase['p50_ms']:.1f} | {phase['p99_ms']:.1f} |"
+        )
+    for note in overload.get("notes", []):
+        lines += ["", note]
+    if plot:
+        lines += ["", f"![latency and slot lag]({plot})"]
+    return lines
+
+
+def plot_series(overload: dict[str, Any], path: Path) -> bool:
+    """Latency p50/p99 per second and slot lag over the soak, overload and recovery; False if no series."""
+    series = overload.get("series") or []
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s["t"] for s in series]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    top.plot(t, [s["p50_ms"] for s in series], label="p50", linewidth=1)
+    top.plot(t, [s["p99_ms"] for s in series], label="p99", linewidth=1)
+    top.set_yscale("symlog", linthresh=10)
+    top.set_ylabel("POST latency ms")
+    top.legend(loc="upper left")
+    bottom.plot(t, [s["slot_lag_bytes"] / 2**20 for s in series], color="tab:red", linewidth=1)
+    bottom.set_ylabel("slot lag MiB")
+    bottom.set_xlabel("seconds")
+    for marker in overload.get("phases", []):
+        for axis in (top, bottom):
+            axis.axvline(marker["t"], color="grey", linestyle=":", linewidth=0.8)
+        top.annotate(marker["label"], (marker["t"], 1), textcoords="offset points", xytext=(2, 2), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True

@@ -1,0 +1,96 @@
+"""Capacity, a soak at 80% of it, 3× capacity, recovery: back pressure instead of timeouts, flat memory.
+
+Short run (CI): 30 s soak, 10 s overload. ``TAGBUS_RELIABILITY=full``: 5-minute soak, 60 s overload.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tagbus import settings as settings_mod
+from tests.reliability.faults import Mode
+from tests.reliability.overload import LoadPool, Sampler, measure_capacity, memory, per_second, summarize
+from tests.reliability.report import Results
+
+pytestmark = pytest.mark.stack
+
+CAPACITY_CLIENTS = 16
+
+
+def test_soak_then_three_times_capacity(live_stack: settings_mod.Settings, mode: Mode, results: Results) -> None:
+    pool = LoadPool(live_stack, workers=2)
+    sampler = Sampler(live_stack).start()
+    origin = time.monotonic()
+    phases: list[dict[str, object]] = []
+    try:
+        phases.append({"t": 0.0, "label": "capacity"})
+        # The phases' own client, closed loop: the capacity includes the CPU the generator takes
+        # from the stack (2 CPUs shared); wrk's figure is kept as the server-side reference.
+        measured = measure_capacity(live_stack, mode.capacity_seconds, connections=64)
+        closed = summarize(pool.closed(CAPACITY_CLIENTS, mode.capacity_seconds), mode.capacity_seconds)
+        capacity = closed["acked_rate"]
+        measured |= {"events_per_second_wrk": measured["events_per_second"], "events_per_second": capacity}
+        measured |= {"clients": CAPACITY_CLIENTS, "p50_ms": closed["p50_ms"], "p99_ms": closed["p99_ms"]}
+        assert capacity > 0, "no event acknowledged while measuring capacity"
+
+        soak_started = time.monotonic()
+        phases.append({"t": soak_started - origin, "label": "soak 80%"})
+        soak_shots = pool.open(0.8 * capacity, mode.soak_seconds)
+        soak_ended = time.monotonic()
+
+        phases.append({"t": soak_ended - origin, "label": "3x"})
+        over_shots = pool.open(3 * capacity, mode.overload_seconds)
+
+        recovery_seconds = max(10.0, mode.overload_seconds / 2)
+        phases.append({"t": time.monotonic() - origin, "label": "after"})
+        after_shots = pool.open(0.8 * capacity, recovery_seconds)
+    finally:
+        sampler.stop()
+        pool.close()
+
+    soak = summarize(soak_shots, mode.soak_seconds)
+    soak["target_rate"] = 0.8 * capacity
+    soak["memory"] = memory(sampler.samples, soak_started, soak_ended, warm_up=min(60.0, mode.soak_seconds / 3))
+    over = summarize(over_shots, mode.overload_seconds)
+    after = summarize(after_shots, recovery_seconds)
+    notes = []
+    if over["achieved_rate"] < 2.5 * capacity:
+        notes.append(
+            f"The load generator offered only {over['achieved_rate']:.0f}/s in the 3× phase"
+            f" (target {3 * capacity:.0f}/s): it shares the 2 CPUs with the stack."
+        )
+    results.overload = {
+        "capacity": measured,
+        "soak": soak,
+        "overload": over,
+        "recovery": after,
+        "series": per_second(soak_shots + over_shots + after_shots, origin, sampler.samples),
+        "phases": phases,
+        "notes": notes,
+    }
+    print(results.overload | {"series": f"{len(results.overload['series'])} points"})
+
+    shed = over["statuses"].get("429", 0) + over["statuses"].get("503", 0)
+    assert over["retry_after"] == shed, "every 429/503 must carry Retry-After"
+    assert soak["statuses"].get("timeout", 0) == 0, f"requests timed out during the soak: {soak}"
+    # Recovered: the load after the overload is served like the soak's (latency near it, nothing shed).
+    assert after["statuses"].get("2xx", 0) >= 0.99 * after["sent"], after
+    assert after["p50_ms"] <= 3 * soak["p50_ms"] + 20, (soak, after)
+    if mode.soak_seconds >= 120:
+        for part, mem in soak["memory"].items():
+            assert mem["growth_percent"] < 10, f"{part} RSS grew {mem['growth_percent']:.1f}% during the soak"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the bus queues instead of shedding: it answers 503 only past 4,096 waiting commits"
+    " (event_bus group commit max_waiting) and uvicorn runs without limit_concurrency, so at 3x capacity"
+    " requests wait past the client's 10 s timeout instead of getting 503 + Retry-After",
+)
+def test_three_times_capacity_is_shed_not_timed_out(results: Results) -> None:
+    """Reads what the soak test measured: under 3x capacity, answers are 503/429, not timeouts."""
+    assert results.overload is not None, "the soak/overload test did not run"
+    over = results.overload["overload"]
+    assert over["statuses"].get("timeout", 0) == 0, f"requests timed out under overload instead of a 503: {over}"
