@@ -218,6 +218,9 @@ def stack_env(config: StackConfig | None = None) -> dict[str, str]:
         "TAGBUS_STREAM_NAME": cfg.stream_name,
         "TAGBUS_HTTP_PORT": str(cfg.http_port),
         "TAGBUS_JWT_SECRET": _jwt_secret(cfg),
+        # kinesis-mock takes a few hundred records/s and slows as its stream grows: the local
+        # tailer packs events into KPL records (the KCL de-aggregates) unless told otherwise.
+        "TAGBUS_TAILER_AGGREGATE": os.environ.get("TAGBUS_TAILER_AGGREGATE", "1"),
         "AWS_ENDPOINT_URL_KINESIS": kinesis,
         "AWS_ENDPOINT_URL_DYNAMODB": dynamodb,
         "AWS_ENDPOINT_URL_SSM": moto,
