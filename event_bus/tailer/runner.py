@@ -78,6 +78,8 @@ class LogTailer:
         self._stream = ReplicationStream(url, settings.slot_name, settings.publication)
         self._lock = TailerLock(url, key=lock_key)
         self._decoder = ChangeDecoder(table=table, metrics=self.metrics)
+        #: The server's keepalive position when the last live read saw no change (see run_once).
+        self._idle_to: int | None = None
         # A batch ends at the first commit past either bound: memory is bounded by the
         # batch (and the largest transaction), whatever the backlog.
         self._max_read_batch = max(max_read_batch, settings.read_batch)
@@ -149,6 +151,12 @@ class LogTailer:
             advanced_to = transactions[-1].end_lsn if transactions else None
             if advanced_to is not None:
                 self._stream.confirm(advanced_to)
+            elif live and self._idle_to is not None and self._idle_to > self._stream.confirmed:
+                # Nothing read, nothing pending: everything the server decoded before its
+                # keepalive position is published and confirmed, so the slot may move there.
+                # A fast shutdown waits for exactly this (the walsender exits only once its
+                # client confirmed all it sent, the shutdown checkpoint included).
+                self._stream.confirm(self._idle_to)
         except BaseException:
             # What was read but not confirmed is read again from the slot: restart the stream.
             self._close_stream()
@@ -204,8 +212,13 @@ class LogTailer:
         batch = _Batch(self._max_read_batch, self._max_read_bytes)
         decoder = self._decoder
         timeout = wait
+        self._idle_to = None
         while True:
             message = stream.read(timeout)
+            if isinstance(message, Keepalive):
+                if not batch.changes and not decoder.in_transaction:
+                    self._idle_to = message.wal_end
+                continue
             if message is None:
                 if decoder.in_transaction:
                     continue  # the server is still sending this transaction

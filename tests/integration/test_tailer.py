@@ -38,6 +38,7 @@ from event_bus.tailer import (
     slot_status,
 )
 from tests.fixtures.kinesis import versions_on_stream
+from tests.fixtures.postgres_cluster import ClusterUnavailableError, TemporaryCluster, apply_migrations
 
 # ------------------------------------------------------------------ helpers
 
@@ -202,6 +203,40 @@ def test_a_null_payload_stays_distinct_from_no_payload(
     bodies = {e.id: orjson.loads(e.to_record_data()) for e in sink.events}
     assert "data" not in bodies["no-data"]
     assert "data" in bodies["null-data"] and bodies["null-data"]["data"] is None
+
+
+def test_a_fast_shutdown_is_not_held_up_by_a_connected_tailer(slot_name: str) -> None:
+    """A walsender exits on a fast shutdown only once its client confirmed all it sent (the
+    shutdown checkpoint included): an idle tailer must confirm the server's keepalive position."""
+    cluster = TemporaryCluster.start()
+    stop = threading.Event()
+    sink = RecordingSink()
+    tailer = make_tailer(cluster.url, slot_name, sink, poll_interval_seconds=0.05)
+    thread = threading.Thread(target=tailer.run, args=(stop,), daemon=True)
+    try:
+        apply_migrations(cluster.url)
+        thread.start()
+        with psycopg.connect(cluster.url, autocommit=True) as conn:
+            slot = "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active"
+            wait_for(lambda: conn.execute(slot, (slot_name,)).fetchone() is not None)
+            insert_event(conn, "before-shutdown")
+        wait_for(lambda: len(sink.events) == 1)
+        with psycopg.connect(cluster.url, autocommit=True) as conn:
+            # WAL the tailer decodes and skips (not in the publication): the server's sent
+            # position moves past the last event the tailer confirmed.
+            conn.execute("CREATE TABLE skipped (n int)")
+            conn.execute("INSERT INTO skipped SELECT generate_series(1, 1000)")
+        time.sleep(0.5)
+        started = time.monotonic()
+        # Fails (pg_ctl gives up after 20 s) while the walsender waits for a confirmation.
+        cluster._run("pg_ctl", "-D", str(cluster.datadir), "-m", "fast", "-w", "-t", "20", "stop")
+        assert time.monotonic() - started < 20
+    finally:
+        stop.set()
+        thread.join(15)
+        tailer.close()
+        with contextlib.suppress(ClusterUnavailableError):  # already stopped
+            cluster.stop()
 
 
 # ------------------------------------------------------------------ at-least-once
