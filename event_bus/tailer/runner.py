@@ -78,7 +78,7 @@ class LogTailer:
         self._stream = ReplicationStream(url, settings.slot_name, settings.publication)
         self._lock = TailerLock(url, key=lock_key)
         self._decoder = ChangeDecoder(table=table, metrics=self.metrics)
-        #: The server's keepalive position when the last live read saw no change (see run_once).
+        #: The keepalive position that ended the last live read, if one did (see run_once).
         self._idle_to: int | None = None
         # A batch ends at the first commit past either bound: memory is bounded by the
         # batch (and the largest transaction), whatever the backlog.
@@ -151,11 +151,10 @@ class LogTailer:
             advanced_to = transactions[-1].end_lsn if transactions else None
             if advanced_to is not None:
                 self._stream.confirm(advanced_to)
-            elif live and self._idle_to is not None and self._idle_to > self._stream.confirmed:
-                # Nothing read, nothing pending: everything the server decoded before its
-                # keepalive position is published and confirmed, so the slot may move there.
-                # A fast shutdown waits for exactly this (the walsender exits only once its
-                # client confirmed all it sent, the shutdown checkpoint included).
+            if live and self._idle_to is not None and self._idle_to > self._stream.confirmed:
+                # The cycle ended at a keepalive: everything the server sent before its position
+                # is now published, so the slot may move there. A fast shutdown waits for this
+                # (a walsender exits only once its client confirmed all it sent).
                 self._stream.confirm(self._idle_to)
         except BaseException:
             # What was read but not confirmed is read again from the slot: restart the stream.
@@ -216,9 +215,14 @@ class LogTailer:
         while True:
             message = stream.read(timeout)
             if isinstance(message, Keepalive):
-                if not batch.changes and not decoder.in_transaction:
-                    self._idle_to = message.wal_end
-                continue
+                if decoder.in_transaction:
+                    continue  # the rest of the transaction follows
+                # Everything the server sent before this position is in the batch or was
+                # published before it: once the batch is published, the slot may move there.
+                # End the cycle now, so that the confirmation goes out (a fast shutdown waits
+                # for it, and the server sends no more until it gets a reply).
+                self._idle_to = message.wal_end
+                return batch.transactions
             if message is None:
                 if decoder.in_transaction:
                     continue  # the server is still sending this transaction
