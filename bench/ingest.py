@@ -198,8 +198,16 @@ def server_settings(url: str) -> dict[str, str]:
 
 
 def truncate(url: str) -> None:
+    """Empty the tables between phases; the bus may still be committing the last requests."""
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE events, streams")
+        for attempt in range(5):
+            try:
+                conn.execute("TRUNCATE events, event_keys, streams")
+                break
+            except psycopg.errors.DeadlockDetected:
+                if attempt == 4:
+                    raise
+                time.sleep(0.5)
         conn.execute("CHECKPOINT")
 
 
