@@ -26,31 +26,27 @@ def event(**fields: Any) -> dict[str, Any]:
     return {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/shed", "type": "t"} | fields
 
 
-@pytest.fixture
-def small_bus(database_url: str) -> Iterator[RunningBus]:
-    """One commit worker, one request per group, and room for two waiting requests."""
-    settings = BusSettings(
+def one_worker(database_url: str, **limits: Any) -> BusSettings:
+    """One commit worker taking one request per group, so a held row lock stalls every commit."""
+    return BusSettings(
         database_url=database_url,
         auth=AuthSettings(jwt_secret=SECRET),
         pool_size=4,
         commit_workers=1,
         max_commit_group=1,
-        max_waiting=2,
-        max_queue_delay_seconds=60.0,  # this fixture is about the queue's length
+        **limits,
     )
-    with running_bus(settings) as running:
+
+
+@pytest.fixture
+def small_bus(database_url: str) -> Iterator[RunningBus]:
+    """Room for two waiting requests; the wait itself unbounded (this is about the queue's length)."""
+    with running_bus(one_worker(database_url, max_waiting=2, max_queue_delay_seconds=60.0)) as running:
         yield running
 
 
 def test_requests_that_waited_too_long_are_refused_unwritten(database_url: str) -> None:
-    settings = BusSettings(
-        database_url=database_url,
-        auth=AuthSettings(jwt_secret=SECRET),
-        pool_size=4,
-        commit_workers=1,
-        max_commit_group=1,
-        max_queue_delay_seconds=0.5,
-    )
+    settings = one_worker(database_url, max_queue_delay_seconds=0.5)
     with running_bus(settings) as bus, bus.client("acme") as client:
         assert client.post("/v1/events", json=event(subject="hot")).status_code == 201
         with psycopg.connect(database_url) as lock, ThreadPoolExecutor(4) as pool:

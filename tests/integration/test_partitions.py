@@ -33,6 +33,7 @@ from event_bus.schema import PUBLICATION
 from event_bus.tailer import ChangeDecoder, SlotReader
 from tests.fixtures.bus import RunningBus
 from tests.fixtures.postgres_cluster import REPO_ROOT, sqlalchemy_url, with_database
+from tests.integration.test_analyst import session_as
 
 INSERT = (
     "INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, recorded_at, digest)"
@@ -83,15 +84,6 @@ def decoded(reader: SlotReader) -> list[StoredEvent]:
     """Every event the tailer would publish from the slot now (peeked, not consumed)."""
     transactions = ChangeDecoder().decode(reader.peek(100_000))
     return [e for t in transactions for e in t.events]
-
-
-@contextlib.contextmanager
-def session_as(url: str, role: str, tenant: str | None = None) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
-        if tenant is not None:
-            conn.execute("SELECT set_config('tagbus.tenant', %s, false)", (tenant,))
-        yield conn
 
 
 # ------------------------------------------------------------------ migration 0003
