@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
+from event_bus.admission import InFlightLimit
 from event_bus.auth import Principal, TokenVerifier
 from event_bus.group_commit import GroupCommitter
 from event_bus.logs import AccessLog, request_id
@@ -428,6 +429,12 @@ def create_app(
     no_otel: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
     app = FastAPI(
         title="tagbus event bus", version="0.1.0", lifespan=lifespan, redirect_slashes=False, telemetry=no_otel
+    )
+
+    # Past this many requests in progress the bus answers 503 at once (health and metrics exempt).
+    shed = metrics.requests.labels("admission", "503", "none")
+    app.add_middleware(
+        InFlightLimit, limit=settings.max_in_flight, exempt=("/healthz", "/readyz", "/metrics"), on_shed=shed.inc
     )
 
     @app.exception_handler(Problem)

@@ -53,6 +53,10 @@ class BusSettings:
     #: and while the queue runs that late new requests are refused at once: under overload
     #: clients get a fast "try later" instead of a timeout.
     max_queue_delay_seconds: float = 1.0
+    #: Requests in progress at once (admission control, ``event_bus.admission``); past it the
+    #: bus answers 503 + Retry-After before reading them, so a flood cannot starve the event
+    #: loop into timeouts. Health and metrics are exempt.
+    max_in_flight: int = 256
     max_event_bytes: int = 1_048_576
     max_batch_events: int = 500
     max_batch_bytes: int = 5 * 1_048_576

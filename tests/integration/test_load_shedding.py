@@ -107,6 +107,46 @@ def test_excess_requests_get_503_with_retry_after_instead_of_hanging(small_bus: 
     assert count == version == 4  # only the answered 201s were written, without gaps
 
 
+def test_past_the_in_flight_limit_requests_are_refused_before_any_work(database_url: str) -> None:
+    settings = one_worker(database_url, max_in_flight=2, max_queue_delay_seconds=60.0)
+    with running_bus(settings) as bus, bus.client("acme") as client:
+        assert client.post("/v1/events", json=event(subject="hot")).status_code == 201
+        with psycopg.connect(database_url) as lock, ThreadPoolExecutor(2) as pool:
+            # Two requests held in progress behind the stream's row lock: the limit is reached.
+            lock.execute("SELECT version FROM streams WHERE tenant_id = 'acme' AND stream_id = 'hot' FOR UPDATE")
+            held = [pool.submit(client.post, "/v1/events", json=event(subject="hot")) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                [(waiting,)] = lock.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                ).fetchall()
+                if waiting:
+                    break
+                time.sleep(0.05)
+            time.sleep(0.3)  # the second one reaches the committer's queue
+            started = time.monotonic()
+            refused = client.post("/v1/events", json=event(subject="hot"))
+            refused_after = time.monotonic() - started
+            # Operators still see the bus: health and metrics are exempt.
+            health = client.get("/healthz")
+            metrics = client.get("/metrics")
+            lock.rollback()
+            served = [f.result() for f in held]
+        after = client.post("/v1/events", json=event(subject="hot"))
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["content-type"] == PROBLEM
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "in progress" in refused.json()["detail"]
+    assert refused_after < 1.0
+    assert health.status_code == 200 and metrics.status_code == 200
+    assert 'tagbus_http_requests_total{route="admission",status="503",tier="none"} 1.0' in metrics.text
+    assert [r.status_code for r in served] == [201, 201]
+    assert after.status_code == 201  # below the limit again
+    with psycopg.connect(database_url) as conn:
+        [(count,)] = conn.execute("SELECT count(*) FROM events WHERE stream_id = 'hot'").fetchall()
+    assert count == 4  # the refused request was never written
+
+
 def test_an_unreachable_database_is_503_with_retry_after(pg_server_url: str) -> None:
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere?connect_timeout=1"
     settings = BusSettings(database_url=url, auth=AuthSettings(jwt_secret=SECRET), pool_size=2)

@@ -139,7 +139,7 @@ def _overload_section(overload: dict[str, Any] | None, plot: str | None) -> list
     after = overload["recovery"]
     lines = [
         f"Capacity, measured first: {cap['events_per_second']:.0f} events/s acknowledged by the phases' own"
-        f" client (2 Python worker processes, asyncio + httpx, {cap['clients']} closed-loop clients,"
+        f" client (2 Python worker processes, asyncio + aiohttp, {cap['clients']} closed-loop clients,"
         f" {cap['seconds']:.0f} s; p50 {cap['p50_ms']:.1f} ms, p99 {cap['p99_ms']:.1f} ms). It shares the 2 CPUs"
         f" with the stack; for reference wrk (64 connections) got {cap.get('events_per_second_wrk', 0):.0f}/s.",
         "",
@@ -167,6 +167,16 @@ def _overload_section(overload: dict[str, Any] | None, plot: str | None) -> list
             f" {phase['retry_after']}/{st.get('429', 0) + st.get('503', 0)} |"
             f" {phase['p50_ms']:.1f} | {phase['p99_ms']:.1f} |"
         )
+    recovered = after.get("recovered_after_s")
+    lines += [
+        "",
+        "Recovery: "
+        + (
+            f"from {recovered:.0f} s into the phase after the overload, every second's posts were acknowledged (≥ 99%)."
+            if recovered is not None
+            else "the phase after the overload ended before every second's posts were acknowledged again."
+        ),
+    ]
     for note in overload.get("notes", []):
         lines += ["", note]
     if plot:

@@ -12,7 +12,15 @@ import pytest
 
 from tagbus import settings as settings_mod
 from tests.reliability.faults import Mode
-from tests.reliability.overload import LoadPool, Sampler, measure_capacity, memory, per_second, summarize
+from tests.reliability.overload import (
+    LoadPool,
+    Sampler,
+    measure_capacity,
+    memory,
+    per_second,
+    recovered_after,
+    summarize,
+)
 from tests.reliability.report import Results
 
 pytestmark = pytest.mark.stack
@@ -56,6 +64,7 @@ def test_soak_then_three_times_capacity(live_stack: settings_mod.Settings, mode:
     soak["memory"] = memory(sampler.samples, soak_started, soak_ended, warm_up=min(60.0, mode.soak_seconds / 3))
     over = summarize(over_shots, mode.overload_seconds)
     after = summarize(after_shots, recovery_seconds)
+    after["recovered_after_s"] = recovered_after(after_shots)
     notes = []
     if over["achieved_rate"] < 2.5 * capacity:
         notes.append(
@@ -85,10 +94,12 @@ def test_soak_then_three_times_capacity(live_stack: settings_mod.Settings, mode:
         # loop counts as a timeout. Recovered here means served at least about as well as the soak.
         assert ok_share(after) >= min(0.99, ok_share(soak)) - 0.1, (soak, after)
         return
-    # The full run (own warm-up, 5 minutes) holds the figures: no timeout during the soak, and the
-    # load after the overload served like the soak's (nothing shed, latency near it), flat memory.
+    # The full run (own warm-up, 5 minutes) holds the figures: no timeout during the soak; after the
+    # overload, within half the recovery phase every second's posts are acknowledged again (≥ 99%)
+    # with a latency near the soak's; flat memory.
     assert soak["statuses"].get("timeout", 0) == 0, f"requests timed out during the soak: {soak}"
-    assert ok_share(after) >= 0.99, after
+    recovered = after["recovered_after_s"]
+    assert recovered is not None and recovered <= recovery_seconds / 2, f"not served fully again: {after}"
     assert after["p50_ms"] <= 3 * soak["p50_ms"] + 20, (soak, after)
     for part, mem in soak["memory"].items():
         assert mem["growth_percent"] < 10, f"{part} RSS grew {mem['growth_percent']:.1f}% during the soak"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tests.reliability.faults import FaultResult
 from tests.reliability.ledger import _user_records
+from tests.reliability.overload import Shot, recovered_after
 from tests.reliability.report import HOSTILE_JSON, MARKDOWN, PLOT, Results, write_report
 
 
@@ -67,3 +68,15 @@ def test_aggregated_records_are_unpacked_in_order() -> None:
     _, _, data = record.get_contents()
     plain = b'{"n":9}'
     assert list(_user_records([{"Data": data}, {"Data": plain}])) == [b'{"n":0}', b'{"n":1}', b'{"n":2}', plain]
+
+
+def test_recovery_is_the_first_second_from_which_every_second_is_served() -> None:
+    def second(at: float, ok: int, shed: int) -> list[Shot]:
+        return [Shot(at, 0.01, 201, False)] * ok + [Shot(at, 0.001, 503, True)] * shed
+
+    shots = second(100.0, 5, 5) + second(101.2, 90, 10) + second(102.5, 100, 0) + second(103.1, 100, 0)
+    assert recovered_after(shots) == 2.0
+    # A relapse later on moves it: served again only from the last bad second on.
+    assert recovered_after(shots + second(104.0, 50, 50) + second(105.0, 100, 0)) == 5.0
+    assert recovered_after(second(100.0, 1, 1)) is None
+    assert recovered_after([]) is None
