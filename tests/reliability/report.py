@@ -33,6 +33,9 @@ class Results:
     faults: list[FaultResult] = field(default_factory=list)
     overload: dict[str, Any] | None = None
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    #: Tests of the run that failed, with the first line of their error: a report of a run that
+    #: failed says so, whatever figures it still has.
+    failed: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,6 +43,7 @@ class Results:
             "started": self.started,
             "faults": [dataclasses.asdict(f) for f in self.faults],
             "overload": self.overload,
+            "failed": self.failed,
         }
 
 
@@ -77,6 +81,15 @@ def render_markdown(results: Results, hostile: dict[str, dict[str, int]] | None,
         f" started {results.started} on {platform.machine()} ({_cpus()} CPUs), against the real local stack"
         " (PostgreSQL, kinesis-mock, DynamoDB Local, moto, KCL MultiLangDaemon, uvicorn).",
         "",
+    ]
+    if results.failed:
+        lines += [
+            f"**{len(results.failed)} test(s) of this run failed**; their rows or figures may be missing below:",
+            "",
+        ]
+        lines += [f"- {failure}" for failure in results.failed]
+        lines.append("")
+    lines += [
         "## Faults under steady load",
         "",
         "Each row: load from the ledger's driver (config sets/deletes and domain events over 5 fresh tenants),"

@@ -80,3 +80,11 @@ def test_recovery_is_the_first_second_from_which_every_second_is_served() -> Non
     assert recovered_after(shots + second(104.0, 50, 50) + second(105.0, 100, 0)) == 5.0
     assert recovered_after(second(100.0, 1, 1)) is None
     assert recovered_after([]) is None
+
+
+def test_report_of_a_run_with_failures_says_so(tmp_path: Path) -> None:
+    results = Results(mode="full", failed=["`test_kinesis_throttling_under_load` (call): probe not through"])
+    text = write_report(results, tmp_path).read_text()
+    assert "**1 test(s) of this run failed**" in text
+    assert "- `test_kinesis_throttling_under_load` (call): probe not through" in text
+    assert "of this run failed" not in write_report(Results(mode="full"), tmp_path / "clean").read_text()
