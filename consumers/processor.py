@@ -59,7 +59,7 @@ from amazon_kclpy.kcl import CheckpointError, KCLProcess
 from amazon_kclpy.v3.processor import RecordProcessorBase
 
 from consumers.deadletters import UNKNOWN_TENANT, DeadLetter, DeadLetterSink, DynamoDBDeadLetterSink
-from consumers.stages import BatchTimes, StageRecorder
+from consumers.stages import STAGE_INTERVAL, BatchTimes, StageRecorder
 from event_bus.envelope import StoredEvent
 from projections.errors import ProjectionError, StoreError, StoreMisconfigured
 from projections.router import BatchResult, EventOutcome, TagRouter
@@ -78,8 +78,6 @@ EXIT_HALTED = 3
 #: round trip (10-130 ms measured on DynamoDB Local under load) that the next batch waits
 #: for; at most this much is delivered again after a crash, and the stores ignore it.
 CHECKPOINT_INTERVAL = 1.0
-#: Seconds between the processor's ``stage timings`` log lines (see consumers.stages).
-STAGE_INTERVAL = 5.0
 
 
 class KinesisRecord(Protocol):

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: The log line's prefix; the JSON object follows it.
 STAGE_LINE = "stage timings "
+#: Seconds between the production processor's stage lines.
+STAGE_INTERVAL = 5.0
 
 
 @dataclass(frozen=True, slots=True)
