@@ -7,7 +7,14 @@ coalesces), while a prober posts to its own probe keys a few times a second and 
 until the new version is readable: that delay is the freshness sample.
 
 The raw baseline of the same run is the bus's own ``POST`` → ``201`` latency for the probes:
-freshness can never be below it.
+freshness is timed from the ``POST`` being sent, so it can never be below it (the same
+samples timed from the ``201`` are reported too, ``from 201``).
+
+Where the time goes: the consumer's record processor logs the stages of its batches every few
+seconds (``consumers.stages``: commit → Kinesis arrival, arrival → processor, queued behind a
+write, apply, and the oldest event's commit → applied); the lines written during a run are
+read back from the consumer's log and summarized per read model (p50 is the median of the
+windows' p50s, p99 the worst window's p99).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,7 @@ import httpx
 import orjson
 
 from bench import BenchOptions
+from consumers.stages import STAGE_INTERVAL, STAGES, parse_stage_line
 from event_bus.auth import issue_dev_token
 from tagbus import lifecycle
 from tagbus import settings as settings_mod
@@ -45,6 +54,10 @@ class FreshnessResult:
     post_latencies: list[float]
     tag: str
     late: int = 0
+    #: The same probes timed from the bus's ``201`` instead of from sending the ``POST``.
+    samples_from_ack: list[float] = field(default_factory=list)
+    #: Stage summaries the consumer logged during the run (see :func:`_stage_summary`).
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +71,10 @@ class FreshnessResult:
             "probes_late": self.late,
             "freshness_p50_ms": _pct(self.samples, 50),
             "freshness_p99_ms": _pct(self.samples, 99),
+            "from_201_p50_ms": _pct(self.samples_from_ack, 50),
+            "from_201_p99_ms": _pct(self.samples_from_ack, 99),
+            "first_probe_ms": 1000 * self.samples[0] if self.samples else float("nan"),
+            "stages_ms": self.stages,
             "post_p50_ms": _pct(self.post_latencies, 50),
             "post_p99_ms": _pct(self.post_latencies, 99),
         }
@@ -120,6 +137,7 @@ async def _load(client: httpx.AsyncClient, rate: float, seconds: float, tag: str
 @dataclass
 class _Probes:
     samples: list[float] = field(default_factory=list)
+    from_ack: list[float] = field(default_factory=list)
     posts: list[float] = field(default_factory=list)
     late: list[str] = field(default_factory=list)
 
@@ -133,7 +151,8 @@ async def _probe(client: httpx.AsyncClient, seconds: float, tag: str, probes: _P
         key = f"{tag}:bench/probe/{run}-{n % PROBE_KEYS}"
         sent = time.monotonic()
         r = await client.post("/v1/events", content=_event(key, n), headers=headers)
-        probes.posts.append(time.monotonic() - sent)
+        acked = time.monotonic()
+        probes.posts.append(acked - sent)
         if r.status_code != 201:
             continue
         version = r.json()["version"]
@@ -141,13 +160,16 @@ async def _probe(client: httpx.AsyncClient, seconds: float, tag: str, probes: _P
         while time.monotonic() < deadline:
             got = await client.get(f"/v1/config/{key}")
             if got.status_code == 200 and got.json()["version"] >= version:
-                probes.samples.append(time.monotonic() - sent)
+                visible = time.monotonic()
+                probes.samples.append(visible - sent)
+                probes.from_ack.append(visible - acked)
                 break
             await asyncio.sleep(0.01)
         else:
             # Not visible yet: counted at the timeout (a lower bound), never left out, so a
             # lagging consumer cannot make the percentiles look better by dropping its probes.
             probes.samples.append(PROBE_TIMEOUT)
+            probes.from_ack.append(PROBE_TIMEOUT)
             probes.late.append(key)
         n += 1
         await asyncio.sleep(0.2)
@@ -165,13 +187,56 @@ async def measure(settings: settings_mod.Settings, *, rate: float, seconds: floa
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     counts = {"sent": 0, "failed": 0}
     probes = _Probes()
+    log = settings.home / "logs" / "consumer.log"
+    log_offset = log.stat().st_size if log.is_file() else 0
+    started = datetime.now()  # the log's timestamps are local time
     async with httpx.AsyncClient(
         base_url=settings.base_url, headers={"Authorization": f"Bearer {token}"}, limits=limits, timeout=30
     ) as client:
         await asyncio.gather(_load(client, rate, seconds, tag, counts), _probe(client, seconds, tag, probes))
     return FreshnessResult(
-        rate, seconds, counts["sent"], counts["failed"], probes.samples, probes.posts, tag, len(probes.late)
+        rate,
+        seconds,
+        counts["sent"],
+        counts["failed"],
+        probes.samples,
+        probes.posts,
+        tag,
+        len(probes.late),
+        samples_from_ack=probes.from_ack,
+        stages=_stage_summary(log, log_offset, since=started + timedelta(seconds=STAGE_INTERVAL)),
     )
+
+
+def _stage_summary(log: Path, offset: int, *, since: datetime) -> dict[str, dict[str, float]]:
+    """The consumer's stage lines written after ``offset`` and ``since`` (a window that began
+    before the run is left out): per stage, the median of their p50s and the worst p99
+    (milliseconds), plus the number of batches under ``"batches"``."""
+    if not log.is_file():
+        return {}
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    windows = []
+    for line in text.splitlines():
+        window = parse_stage_line(line)
+        try:
+            logged = datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            continue
+        if window is not None and logged >= since:
+            windows.append(window)
+    if not windows:
+        return {}
+    summary: dict[str, dict[str, float]] = {"batches": {"count": sum(int(w["batches"]) for w in windows)}}
+    for stage in (*STAGES, "checkpoint"):
+        values = [w[stage] for w in windows if isinstance(w.get(stage), dict)]
+        if values:
+            summary[stage] = {
+                "p50": statistics.median(v["p50"] for v in values),
+                "p99": max(v["p99"] for v in values),
+            }
+    return summary
 
 
 def run(quick: bool, *, reports_dir: Path) -> list[FreshnessResult]:
@@ -203,6 +268,33 @@ def _report(results: list[FreshnessResult], reports_dir: Path) -> None:
             f"| {row['post_p50_ms']:.1f} ms | {row['post_p99_ms']:.1f} ms |"
         )
     lines.append(f"\nA late probe was not visible within {PROBE_TIMEOUT:g} s and counts as {PROBE_TIMEOUT:g} s.")
+    lines.append(
+        "Freshness is timed from sending the POST; timed from its 201: "
+        + ", ".join(
+            f"{row['tag']} p50 {row['from_201_p50_ms']:.0f} ms, p99 {row['from_201_p99_ms']:.0f} ms" for row in rows
+        )
+        + "."
+    )
+    if any(row["stages_ms"] for row in rows):
+        lines += [
+            "",
+            "Where the time goes, per consumer batch (p50 / p99 ms; the consumer's stage log during each run):",
+            "",
+            "| read model | batches | commit → Kinesis | Kinesis → processor | queued | apply "
+            "| commit → applied (oldest of batch) | checkpoint |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            st = row["stages_ms"]
+
+            def cell(stage: str, st: dict[str, dict[str, float]] = st) -> str:
+                return f"{st[stage]['p50']:.0f} / {st[stage]['p99']:.0f}" if stage in st else "-"
+
+            lines.append(
+                f"| {row['tag']} | {st.get('batches', {}).get('count', 0):.0f} | {cell('commit_to_arrival')} "
+                f"| {cell('arrival_to_receive')} | {cell('queued')} | {cell('apply')} "
+                f"| {cell('commit_to_applied')} | {cell('checkpoint')} |"
+            )
     text = "\n".join(lines)
     (reports_dir / "bench-freshness.md").write_text(
         "# End-to-end freshness (bus 201 → GET /v1/config)\n\n" + text + "\n"

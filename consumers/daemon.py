@@ -18,6 +18,13 @@ Choices made for the local emulators (kinesis-mock, DynamoDB Local) and why:
   from cgroups/EC2 metadata; locally it only logs noise and skews lease assignment.
 * ``metricsLevel = NONE``: the MultiLangDaemon has no CloudWatch endpoint override, so
   metrics would go to real CloudWatch; NONE publishes nothing.
+* ``idleTimeBetweenReadsInMillis = 200``: the KCL's poll interval for ``GetRecords``, and the
+  floor of freshness. KCL 3.1.3's multilang passes it to ``PollingConfig`` (its default is
+  1,500 ms when the property is absent); 200 ms is both the KCL's minimum (smaller values
+  are raised to it with a warning) and Kinesis's 5 reads/s per shard, so it is the fastest
+  polling the shard allows for one consumer application. ``millisBehindLatestThresholdFor
+  ReducedTps`` stays 0 (off): it slows polling while ``MillisBehindLatest`` is below the
+  threshold, and kinesis-mock always reports 0.
 * Short ``failoverTimeMillis``/``leaseAssignmentIntervalMillis``/``shardSyncIntervalMillis``
   so a fresh worker takes its lease within seconds rather than the production ~10-20 s.
 * Table billing modes are left at KCL's default (PAY_PER_REQUEST), which DynamoDB Local
@@ -57,6 +64,8 @@ __all__ = [
 #: KCL application name: also the name of its DynamoDB lease table.
 APPLICATION_NAME = "tagbus-consumer"
 MAIN_CLASS = "software.amazon.kinesis.multilang.MultiLangDaemon"
+#: KCL's ``PollingConfig.MIN_IDLE_MILLIS_BETWEEN_READS``: 5 ``GetRecords`` per second and shard.
+MIN_IDLE_TIME_BETWEEN_READS_MS = 200
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,7 @@ class DaemonSettings:
     metrics_level: str = "NONE"
     worker_id: str | None = None
     max_records: int = 1000
-    idle_time_between_reads_ms: int = 250
+    idle_time_between_reads_ms: int = MIN_IDLE_TIME_BETWEEN_READS_MS
     failover_time_ms: int = 3000
     lease_assignment_interval_ms: int = 1000
     shard_sync_interval_ms: int = 2000
@@ -86,6 +95,13 @@ class DaemonSettings:
     shutdown_grace_ms: int = 5000
     processing_language: str = "python/3"
     extra: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.idle_time_between_reads_ms < MIN_IDLE_TIME_BETWEEN_READS_MS:
+            raise ValueError(
+                f"idle_time_between_reads_ms must be at least {MIN_IDLE_TIME_BETWEEN_READS_MS} "
+                "(Kinesis serves 5 GetRecords/s per shard; the KCL raises smaller values to it)"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], processor_command: Sequence[str], **overrides: object) -> DaemonSettings:

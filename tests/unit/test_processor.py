@@ -10,6 +10,8 @@ import base64
 import io
 import json
 import os
+import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ from amazon_kclpy.kcl import CheckpointError, KCLProcess
 
 from consumers.deadletters import DeadLetter, DynamoDBDeadLetterSink, MemoryDeadLetterSink
 from consumers.processor import EXIT_HALTED, ConfigProjectionProcessor, build_router
+from consumers.stages import StageRecorder, parse_stage_line
 from event_bus.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
 from projections.errors import StoreMisconfigured, StoreThrottled, StoreUnavailable
 from projections.model import ConfigChange
@@ -312,6 +315,153 @@ def test_speaks_the_multilang_protocol_through_kclprocess() -> None:
     ]
     assert stderr.getvalue() == ""
     assert h.processor.shard_id == "shardId-000000000007"
+    assert h.value("acme", "tenantconfig:billing/currency") == ("USD", 2)
+
+
+# ------------------------------------------------------------------ checkpoint cadence, stages
+
+
+def test_checkpoints_are_taken_at_most_once_an_interval_and_at_shutdown() -> None:
+    now = [0.0]
+    h = Harness(checkpoint_interval=1.0, monotonic=lambda: now[0])
+    checkpointer = FakeCheckpointer()
+    for n, at in enumerate((0.0, 0.5, 0.9, 1.2), start=1):
+        now[0] = at
+        h.deliver([event_data("acme", "tenantconfig:t", n, f"v{n}")], checkpointer, start=n)
+        assert h.value("acme", "tenantconfig:t") == (f"v{n}", n)  # applied at once all the same
+    assert checkpointer.calls == [(f"4959{1:020d}", 0), (f"4959{4:020d}", 0)]
+    message({"action": "shutdownRequested"}).dispatch(checkpointer, h.processor)
+    assert checkpointer.calls[-1] == (None, None)
+
+
+def test_stage_timings_are_logged_as_one_parsable_line() -> None:
+    lines: list[str] = []
+    stages = StageRecorder(interval=0, emit=lines.append)
+    h = Harness(stages=stages)
+    h.deliver([event_data("acme", "tenantconfig:t", 1, "w")], FakeCheckpointer())
+    assert stages.flush() is not None
+    summary = parse_stage_line("2024-05-01 12:00:00,000 INFO consumers.stages [1] " + lines[0])
+    assert summary is not None and (summary["batches"], summary["checkpoints"]) == (1, 1)
+    assert set(summary) >= {"commit_to_arrival", "arrival_to_receive", "queued", "apply", "checkpoint"}
+    assert summary["commit_to_arrival"]["p50"] == 0.0  # recorded and arrived at T0
+    assert parse_stage_line(f"Received error line from subprocess [{lines[0]}] for shard s") is None
+
+
+# ------------------------------------------------------------------ pipelined
+
+
+class GatedStore(MemoryConfigStore):
+    """Holds the calls numbered in ``gates`` until their event is set; records each call's keys."""
+
+    def __init__(self, *gated_calls: int) -> None:
+        super().__init__()
+        self.gates = {n: threading.Event() for n in gated_calls}
+        self.calls: list[list[tuple[str, int]]] = []
+
+    def apply(self, changes: Sequence[ConfigChange]) -> ApplyResult:
+        self.calls.append([(change.key.path, change.version) for change in changes])
+        gate = self.gates.get(len(self.calls))
+        if gate is not None:
+            assert gate.wait(10), "gate never opened"
+        return super().apply(changes)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_pipelined_batches_queued_behind_a_write_are_applied_together_then_checkpointed() -> None:
+    store = GatedStore(1, 3)
+    h = Harness(TagRouter({"tenantconfig": store}), pipelined=True)
+    checkpointer = FakeCheckpointer()
+    h.deliver([event_data("acme", "tenantconfig:a", 1, "a1")], checkpointer, start=1)
+    wait_until(lambda: len(store.calls) == 1)  # being written, held at the gate
+    h.deliver([event_data("acme", "tenantconfig:a", 2, "a2"), event_data("acme", "tenantconfig:b", 1, "b1")],
+              checkpointer, start=2)  # fmt: skip
+    h.deliver([event_data("acme", "tenantconfig:a", 3, "a3")], checkpointer, start=4)
+    assert checkpointer.calls == [] and h.value("acme", "tenantconfig:a") is None  # nothing applied yet
+
+    store.gates[1].set()
+    wait_until(lambda: h.processor.applied_through == (f"4959{4:020d}", 0))
+    assert h.value("acme", "tenantconfig:a") == ("a3", 3)
+    # The two queued batches went out as one write, a's two versions coalesced to the last.
+    assert store.calls == [[("a", 1)], [("a", 3), ("b", 1)]]
+
+    h.deliver([event_data("acme", "tenantconfig:c", 1, "c1")], checkpointer, start=5)  # held at gate 3
+    # Checkpointed where everything before is applied: the end of the merged batches, not c.
+    assert checkpointer.calls == [(f"4959{4:020d}", 0)]
+
+    shutdown = threading.Thread(
+        target=lambda: message({"action": "shutdownRequested"}).dispatch(checkpointer, h.processor)
+    )
+    shutdown.start()
+    time.sleep(0.1)
+    assert checkpointer.calls == [(f"4959{4:020d}", 0)]  # shutdown waits for c's write
+    store.gates[3].set()
+    shutdown.join(10)
+    assert checkpointer.calls == [(f"4959{4:020d}", 0), (None, None)]
+    assert h.value("acme", "tenantconfig:c") == ("c1", 1)
+
+
+def test_pipelined_failure_halts_at_once_without_checkpoint() -> None:
+    class Exploding(MemoryConfigStore):
+        def apply(self, changes: Sequence[ConfigChange]) -> ApplyResult:
+            raise RuntimeError("bug")
+
+    halted = threading.Event()
+    h = Harness(TagRouter({"tenantconfig": Exploding()}), pipelined=True, halt=halted.set)
+    checkpointer = FakeCheckpointer()
+    h.deliver([event_data("acme", "tenantconfig:t", 1, "w")], checkpointer)
+    assert halted.wait(10)  # from the writer thread, not on the next batch
+    with pytest.raises(SystemExit) as exit_info:
+        h.deliver([event_data("acme", "tenantconfig:t", 2, "x")], checkpointer, start=2)
+    assert exit_info.value.code == EXIT_HALTED
+    with pytest.raises(SystemExit):
+        message({"action": "shutdownRequested"}).dispatch(checkpointer, h.processor)
+    assert checkpointer.calls == []
+
+
+def test_pipelined_lease_lost_drops_the_batches_not_started() -> None:
+    store = GatedStore(1)
+    h = Harness(TagRouter({"tenantconfig": store}), pipelined=True)
+    checkpointer = FakeCheckpointer()
+    h.deliver([event_data("acme", "tenantconfig:a", 1, "a1")], checkpointer, start=1)
+    wait_until(lambda: len(store.calls) == 1)
+    h.deliver([event_data("acme", "tenantconfig:a", 2, "a2")], checkpointer, start=2)
+    message({"action": "leaseLost"}).dispatch(None, h.processor)
+    store.gates[1].set()
+    message({"action": "shutdownRequested"}).dispatch(checkpointer, h.processor)  # drains
+    assert store.calls == [[("a", 1)]] and h.value("acme", "tenantconfig:a") == ("a1", 1)
+    assert checkpointer.calls == []
+
+
+def test_pipelined_processor_speaks_the_multilang_protocol() -> None:
+    store = GatedStore(1)  # the write outlasts processRecords: no checkpoint in its reply
+    h = Harness(TagRouter({"tenantconfig": store}), pipelined=True)
+    threading.Timer(0.2, store.gates[1].set).start()
+    lines = [
+        {"action": "initialize", "shardId": "shardId-000000000007", "sequenceNumber": "TRIM_HORIZON",
+         "subSequenceNumber": 0},
+        {"action": "processRecords", "millisBehindLatest": 0,
+         "records": [record_json(sample("config_set_v1"), 1), record_json(sample("config_set_v2"), 2)]},
+        {"action": "shardEnded"},
+        {"action": "checkpoint", "sequenceNumber": "SHARD_END", "subSequenceNumber": 0},
+    ]  # fmt: skip
+    stdin = io.StringIO("".join(json.dumps(line) + "\n" for line in lines))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    KCLProcess(h.processor, input_file=stdin, output_file=stdout, error_file=stderr).run()
+
+    sent = [json.loads(line) for line in stdout.getvalue().splitlines() if line.strip()]
+    assert sent == [
+        {"action": "status", "responseFor": "initialize"},
+        {"action": "status", "responseFor": "processRecords"},  # handed over, not yet written
+        {"action": "checkpoint", "sequenceNumber": None, "subSequenceNumber": None},  # after draining
+        {"action": "status", "responseFor": "shardEnded"},
+    ]
+    assert stderr.getvalue() == ""
     assert h.value("acme", "tenantconfig:billing/currency") == ("USD", 2)
 
 
