@@ -31,7 +31,7 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,7 +42,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import set_json_dumps
 
-from bench import REPO_ROOT, BenchOptions
+from bench import REPO_ROOT, BenchOptions, percentile
 
 TENANTS = 200
 STREAMS_PER_TENANT = 125
@@ -248,11 +248,6 @@ def load(url: str, total: int, now: datetime) -> float:
 
 
 # --------------------------------------------------------------------------- queries
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 def _scanned(plan: dict[str, Any], total: set[str]) -> set[str]:

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,7 +49,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from bench import REPO_ROOT, BenchOptions
+from bench import REPO_ROOT, BenchOptions, percentile
 
 ENV_SPEC = "TAGBUS_BENCH_BUS"
 BENCH_DB = "tagbus_bench"
@@ -290,13 +290,6 @@ def raw_copy(url: str, seconds: float, limit: int, rows_per_txn: int = 500) -> R
         p50_ms=percentile(latencies, 50) * 1e3,
         p99_ms=percentile(latencies, 99) * 1e3,
     )
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 def _new_events(prefix: str, count: int) -> list[Any]:
