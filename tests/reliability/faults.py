@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from event_bus.auth import issue_dev_token
 from event_bus.envelope import CONFIG_SET
 from producers.client import TagbusClient, new_event
 from tagbus import install, lifecycle, stack
 from tagbus.compose import build_router
 from tagbus.settings import Settings
-from tests.reliability.ledger import LedgerReport, LoadDriver, check
+from tests.reliability.ledger import LedgerReport, LoadDriver, check, enterprise_token
 
 MODE_VARIABLE = "TAGBUS_RELIABILITY"
 
@@ -239,17 +238,7 @@ class Probe:
         self._settings = settings
         self._tenant = f"probe-{uuid.uuid4().hex[:8]}"
         self._router = build_router(settings)
-        auth = settings.auth
-        assert auth.jwt_secret
-        token = issue_dev_token(
-            auth.jwt_secret,
-            tenant=self._tenant,
-            tier="enterprise",
-            scope="events:write config:read",
-            issuer=auth.issuer,
-            audience=auth.audience,
-            now=time.time(),
-        )
+        token = enterprise_token(settings, self._tenant, "events:write config:read")
         self._client = TagbusClient(settings.base_url, lambda: token, attempts=200, max_delay=0.5, timeout=5.0)
 
     def seconds_until_through(self, since: float, timeout: float = 180.0) -> float:

@@ -44,6 +44,22 @@ _EVENTS_OF_TENANTS = (
 )
 
 
+def enterprise_token(settings: Settings, tenant: str, scope: str) -> str:
+    """A dev token of the stack's issuer and audience for an enterprise tenant (no quota: the
+    suites test the bus's own back pressure, not a tenant's bucket)."""
+    auth = settings.auth
+    assert auth.jwt_secret, "the reliability suite issues dev tokens; TAGBUS_JWT_SECRET must be set"
+    return issue_dev_token(
+        auth.jwt_secret,
+        tenant=tenant,
+        tier="enterprise",
+        scope=scope,
+        issuer=auth.issuer,
+        audience=auth.audience,
+        now=time.time(),
+    )
+
+
 def body_digest(body: dict[str, Any]) -> str:
     """SHA-256 of an envelope as the bus computes it (sorted keys, ``tenantid`` left out).
 
@@ -267,17 +283,7 @@ class LoadDriver:
                 client.close()
 
     def _client(self, tenant: str) -> TagbusClient:
-        auth = self._settings.auth
-        assert auth.jwt_secret, "the ledger check issues dev tokens; TAGBUS_JWT_SECRET must be set"
-        token = issue_dev_token(
-            auth.jwt_secret,
-            tenant=tenant,
-            tier="enterprise",
-            scope="events:write events:read config:read",
-            issuer=auth.issuer,
-            audience=auth.audience,
-            now=time.time(),
-        )
+        token = enterprise_token(self._settings, tenant, "events:write events:read config:read")
         # Enough attempts to ride out a bus restart; max_delay bounds a run under faults.
         return TagbusClient(self._settings.base_url, lambda: token, attempts=10, max_delay=2.0, timeout=10.0)
 

@@ -31,10 +31,10 @@ from typing import Any
 import aiohttp
 import psycopg
 
-from event_bus.auth import issue_dev_token
 from tagbus import stack
 from tagbus.settings import Settings
 from tests.reliability.faults import tree_rss_bytes
+from tests.reliability.ledger import enterprise_token
 
 #: Client-side timeout of one request: an answer later than this counts as a timeout.
 REQUEST_TIMEOUT = 10.0
@@ -55,20 +55,6 @@ class Shot:
     seconds: float
     status: int
     retry_after: bool
-
-
-def _token(settings: Settings, tenant: str) -> str:
-    auth = settings.auth
-    assert auth.jwt_secret, "TAGBUS_JWT_SECRET must be set"
-    return issue_dev_token(
-        auth.jwt_secret,
-        tenant=tenant,
-        tier="enterprise",
-        scope="events:write",
-        issuer=auth.issuer,
-        audience=auth.audience,
-        now=time.time(),
-    )
 
 
 def _body(prefix: str, n: int) -> bytes:
@@ -159,7 +145,7 @@ WRK_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "wrk" / "post_event
 
 def measure_capacity(settings: Settings, seconds: float, *, connections: int = 64) -> dict[str, float]:
     """Ingest capacity with ``wrk`` (closed loop, C, so the client is not the bottleneck): 2xx/s."""
-    token = _token(settings, f"capacity-{uuid.uuid4().hex[:6]}")
+    token = enterprise_token(settings, f"capacity-{uuid.uuid4().hex[:6]}", "events:write")
     argv = [
         "wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(WRK_SCRIPT),
         f"{settings.base_url}/v1/events", "--", token, f"cap-{uuid.uuid4().hex[:8]}", "0",
@@ -191,7 +177,9 @@ class LoadPool:
         self._settings = settings
         self._workers = workers
         self._pool = multiprocessing.get_context("spawn").Pool(workers)
-        self._tokens = [_token(settings, f"soak-{uuid.uuid4().hex[:6]}-{i}") for i in range(workers)]
+        self._tokens = [
+            enterprise_token(settings, f"soak-{uuid.uuid4().hex[:6]}-{i}", "events:write") for i in range(workers)
+        ]
         # Imports done before any timed phase: a worker that starts late would shorten it.
         assert all(self._pool.starmap(_ready, [()] * workers * 4))
 
