@@ -290,6 +290,16 @@ def test_empty_batches_do_not_checkpoint() -> None:
     assert checkpointer.calls == []
 
 
+def speak(processor: Any, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``processor`` under amazon-kclpy's protocol loop on the daemon's ``lines``; its replies
+    (and nothing on stderr)."""
+    stdin = io.StringIO("".join(json.dumps(line) + "\n" for line in lines))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    KCLProcess(processor, input_file=stdin, output_file=stdout, error_file=stderr).run()
+    assert stderr.getvalue() == ""
+    return [json.loads(line) for line in stdout.getvalue().splitlines() if line.strip()]
+
+
 def test_speaks_the_multilang_protocol_through_kclprocess() -> None:
     h = Harness()
     lines = [
@@ -301,11 +311,7 @@ def test_speaks_the_multilang_protocol_through_kclprocess() -> None:
         {"action": "shardEnded"},
         {"action": "checkpoint", "sequenceNumber": "SHARD_END", "subSequenceNumber": 0},
     ]  # fmt: skip
-    stdin = io.StringIO("".join(json.dumps(line) + "\n" for line in lines))
-    stdout, stderr = io.StringIO(), io.StringIO()
-    KCLProcess(h.processor, input_file=stdin, output_file=stdout, error_file=stderr).run()
-
-    sent = [json.loads(line) for line in stdout.getvalue().splitlines() if line.strip()]
+    sent = speak(h.processor, lines)
     assert sent == [
         {"action": "status", "responseFor": "initialize"},
         {"action": "checkpoint", "sequenceNumber": f"4959{2:020d}", "subSequenceNumber": 0},
@@ -313,7 +319,6 @@ def test_speaks_the_multilang_protocol_through_kclprocess() -> None:
         {"action": "checkpoint", "sequenceNumber": None, "subSequenceNumber": None},
         {"action": "status", "responseFor": "shardEnded"},
     ]
-    assert stderr.getvalue() == ""
     assert h.processor.shard_id == "shardId-000000000007"
     assert h.value("acme", "tenantconfig:billing/currency") == ("USD", 2)
 
@@ -450,18 +455,13 @@ def test_pipelined_processor_speaks_the_multilang_protocol() -> None:
         {"action": "shardEnded"},
         {"action": "checkpoint", "sequenceNumber": "SHARD_END", "subSequenceNumber": 0},
     ]  # fmt: skip
-    stdin = io.StringIO("".join(json.dumps(line) + "\n" for line in lines))
-    stdout, stderr = io.StringIO(), io.StringIO()
-    KCLProcess(h.processor, input_file=stdin, output_file=stdout, error_file=stderr).run()
-
-    sent = [json.loads(line) for line in stdout.getvalue().splitlines() if line.strip()]
+    sent = speak(h.processor, lines)
     assert sent == [
         {"action": "status", "responseFor": "initialize"},
         {"action": "status", "responseFor": "processRecords"},  # handed over, not yet written
         {"action": "checkpoint", "sequenceNumber": None, "subSequenceNumber": None},  # after draining
         {"action": "status", "responseFor": "shardEnded"},
     ]
-    assert stderr.getvalue() == ""
     assert h.value("acme", "tenantconfig:billing/currency") == ("USD", 2)
 
 
