@@ -338,11 +338,8 @@ class BatchRecordProcessor(RecordProcessorBase, metaclass=abc.ABCMeta):  # type:
     def _halt_on_error(self, step: Callable[[], object]) -> None:
         try:
             step()
-        except ProcessingHalted as e:
-            log.critical("shard %s: halting without checkpoint: %s", self.shard_id, e)
-            raise SystemExit(EXIT_HALTED) from e
         except Exception as e:
-            log.critical("shard %s: unexpected error, halting without checkpoint", self.shard_id, exc_info=True)
+            self._log_halt(e)
             raise SystemExit(EXIT_HALTED) from e
 
     def _maybe_checkpoint(self, checkpointer: Checkpointer, through: KinesisRecord) -> None:
@@ -358,11 +355,14 @@ class BatchRecordProcessor(RecordProcessorBase, metaclass=abc.ABCMeta):  # type:
             self.stages.observe_checkpoint(self._wall() - started)
 
     def _applier_failed(self, error: BaseException) -> None:
+        self._log_halt(error)
+        self._halt()
+
+    def _log_halt(self, error: BaseException) -> None:
         if isinstance(error, ProcessingHalted):
             log.critical("shard %s: halting without checkpoint: %s", self.shard_id, error)
         else:
             log.critical("shard %s: unexpected error, halting without checkpoint", self.shard_id, exc_info=error)
-        self._halt()
 
     def _apply_records(self, records: Sequence[KinesisRecord], received: float, mbl: float) -> None:
         """Apply records (one batch, or batches queued together) and time the stages."""
