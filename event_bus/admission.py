@@ -4,10 +4,17 @@ The group committer sheds requests that wait too long for the database. Under a 
 bus runs out of CPU before that: every request admitted shares one event loop with all the
 others (parsing, token checks, validation), so latency grows with the number in progress,
 and past a few thousand the clients time out before the database sees anything.
-:class:`InFlightLimit` answers ``503`` + ``Retry-After`` at once, before any of that work,
-to a request that arrives while ``limit`` others are in progress. A refusal costs a small
-fraction of a served request, so the bus keeps serving at its capacity with a bounded
-latency (``limit`` / capacity) and tells everybody else, quickly, to come back.
+
+:class:`Admission` is the bound: a request that arrives while ``limit`` others are in
+progress is answered ``503`` + ``Retry-After`` at once, before any of that work. It is
+enforced in two places that share one count:
+
+- the bus's HTTP protocol (``event_bus.server``) refuses right after parsing the request
+  head, before uvicorn makes a task for it: a refusal then costs a few microseconds, so the
+  bus can refuse many times its capacity and still serve at that capacity;
+- :class:`InFlightLimit`, a pure ASGI middleware, counts the requests in progress and
+  refuses whatever reaches the app past the bound anyway (a request the protocol let through
+  just before the bound was reached, or the app served by another ASGI server).
 """
 
 from __future__ import annotations
@@ -20,49 +27,56 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from event_bus.problems import PROBLEM_CONTENT_TYPE, unavailable
 
 
-class InFlightLimit:
-    """Pure ASGI middleware: at most ``limit`` requests in progress; the rest get ``503`` at once.
+class Admission:
+    """At most ``limit`` requests in progress; ``exempt`` paths (health, metrics) always pass.
 
-    ``exempt`` paths (health, metrics) are always served: an operator must see an overload.
-    ``on_shed`` is called once per refused request (a metric).
+    ``on_shed`` is called once per refused request (a metric). ``body`` and ``headers`` are
+    the refusal, rendered once: a ``503`` problem+json with ``Retry-After``.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        limit: int,
-        exempt: Collection[str] = (),
-        on_shed: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, limit: int, *, exempt: Collection[str] = (), on_shed: Callable[[], None] | None = None) -> None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
-        self.app = app
         self.limit = limit
         self.in_flight = 0
-        self._exempt = frozenset(exempt)
+        self.exempt = frozenset(exempt)
         self._on_shed = on_shed
         problem = unavailable(f"the bus is at its limit of {limit} requests in progress; retry later")
-        self._body = orjson.dumps(problem.to_json())
-        self._headers = [
+        self.body = orjson.dumps(problem.to_json())
+        self.headers: list[tuple[bytes, bytes]] = [
             (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
-            (b"content-length", str(len(self._body)).encode()),
+            (b"content-length", str(len(self.body)).encode()),
             *((name.lower().encode(), value.encode()) for name, value in problem.headers.items()),
         ]
 
+    def refuses(self, path: str) -> bool:
+        """Whether a request for ``path`` arriving now is refused (and counted as shed)."""
+        if self.in_flight < self.limit or path in self.exempt:
+            return False
+        if self._on_shed is not None:
+            self._on_shed()
+        return True
+
+
+class InFlightLimit:
+    """Pure ASGI middleware that keeps the count of :class:`Admission` and refuses past it."""
+
+    def __init__(self, app: ASGIApp, *, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._exempt:
+        admission = self.admission
+        if scope["type"] != "http" or scope["path"] in admission.exempt:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
-            if self._on_shed is not None:
-                self._on_shed()
+        if admission.refuses(scope["path"]):
             # The body is not read: the server discards it and keeps the connection.
-            await send({"type": "http.response.start", "status": 503, "headers": self._headers})
-            await send({"type": "http.response.body", "body": self._body})
+            await send({"type": "http.response.start", "status": 503, "headers": admission.headers})
+            await send({"type": "http.response.body", "body": admission.body})
             return
-        self.in_flight += 1
+        admission.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            admission.in_flight -= 1

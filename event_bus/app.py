@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
-from event_bus.admission import InFlightLimit
+from event_bus.admission import Admission, InFlightLimit
 from event_bus.auth import Principal, TokenVerifier
 from event_bus.group_commit import GroupCommitter
 from event_bus.logs import AccessLog, request_id
@@ -432,10 +432,11 @@ def create_app(
     )
 
     # Past this many requests in progress the bus answers 503 at once (health and metrics exempt).
+    # The bus's HTTP server refuses on the same count before it makes a task (``build_server``).
     shed = metrics.requests.labels("admission", "503", "none")
-    app.add_middleware(
-        InFlightLimit, limit=settings.max_in_flight, exempt=("/healthz", "/readyz", "/metrics"), on_shed=shed.inc
-    )
+    admission = Admission(settings.max_in_flight, exempt=("/healthz", "/readyz", "/metrics"), on_shed=shed.inc)
+    app.state.admission = admission
+    app.add_middleware(InFlightLimit, admission=admission)
 
     @app.exception_handler(Problem)
     async def on_problem(_: Request, problem: Problem) -> Response:

@@ -6,18 +6,26 @@ request, could hold a socket and a parser forever, and its headers could grow wi
 limit. :class:`BoundedHttpProtocol` adds both bounds and answers them, like every parser
 error, in the contract's ``application/problem+json``. A slow *body* is bounded by the app
 (``create_app(..., body_timeout_seconds=…)`` answers ``408``), which owns body reading.
+
+It also enforces the app's :class:`~event_bus.admission.Admission` bound where it is
+cheapest: a request that arrives while the bus is at its limit is answered ``503`` right
+after its head is parsed, with no task, no ASGI call and no body read, so that a flood of
+several times the bus's capacity is refused at a small fraction of a served request's cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+import httptools
 import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from event_bus.admission import Admission
 from event_bus.problems import PROBLEM_CONTENT_TYPE, Problem
 
 _HEADER_TIMEOUT_SECONDS = 10.0
@@ -45,12 +53,35 @@ class ServerSettings:
     log_level: str = "warning"
 
 
+class _NoEvent:
+    def set(self) -> None:
+        pass
+
+
+class _Answered:
+    """Stands in for uvicorn's request cycle of a request the protocol answered itself.
+
+    uvicorn drops the body of a request whose response is complete, and starts the next
+    request of the connection after it, which is what a refused request needs.
+    """
+
+    response_complete = True
+    keep_alive = True
+    disconnected = False
+    message_event = _NoEvent()
+
+
+_ANSWERED = _Answered()
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline and a size cap on request heads."""
+    """uvicorn's httptools protocol with a deadline and a size cap on request heads, and
+    admission control before a request becomes a task."""
 
     header_timeout_seconds: float = _HEADER_TIMEOUT_SECONDS
     max_header_bytes: int = _MAX_HEADER_BYTES
     max_connections: int = _MAX_CONNECTIONS
+    admission: Admission | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -92,7 +123,28 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
         self._head_started = False
+        admission = self.admission
+        idle = self.cycle is None or self.cycle.response_complete  # not behind a pipelined request
+        if admission is not None and idle and admission.in_flight >= admission.limit:
+            path = urllib.parse.unquote(httptools.parse_url(self.url).path.decode("ascii"))
+            if admission.refuses(path):
+                self._refuse(admission)
+                return
         super().on_headers_complete()
+
+    def _refuse(self, admission: Admission) -> None:
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        head = [b"HTTP/1.1 503 Service Unavailable"]
+        head += [name + b": " + value for name, value in self.server_state.default_headers]
+        head += [name + b": " + value for name, value in admission.headers]
+        if not keep_alive:
+            head.append(b"connection: close")
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + admission.body)
+        self.cycle = _ANSWERED  # type: ignore[assignment]
+        if keep_alive:
+            self.on_response_complete()  # reads on: the body is dropped, the next request served
+        else:
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         # Every request uvicorn refuses before the app sees it (bad syntax, a head too large).
@@ -149,7 +201,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
 
 def build_server(app: Any, settings: ServerSettings) -> uvicorn.Server:
-    """A uvicorn server for ``app`` with the bus's limits (not started)."""
+    """A uvicorn server for ``app`` with the bus's limits (not started).
+
+    The app's admission bound (``app.state.admission``, set by ``create_app``) is enforced
+    by the protocol too, before a refused request costs a task.
+    """
+    state = getattr(app, "state", None)
     protocol = type(
         "BusHttpProtocol",
         (BoundedHttpProtocol,),
@@ -157,6 +214,7 @@ def build_server(app: Any, settings: ServerSettings) -> uvicorn.Server:
             "header_timeout_seconds": settings.header_timeout_seconds,
             "max_header_bytes": settings.max_header_bytes,
             "max_connections": settings.max_connections,
+            "admission": getattr(state, "admission", None),
         },
     )
     config = uvicorn.Config(
