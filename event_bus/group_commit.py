@@ -4,7 +4,7 @@ Each waiting request is answered only after the transaction holding its event co
 (``synchronous_commit`` stays on).
 
 A group costs three statements whatever its size: one look-up of already stored ids, one
-upsert of the touched streams' versions, one insert of all rows (``write_new``). Events with
+upsert of the touched streams' versions, one COPY of all rows (``write_new``). Events with
 an ``expectedversion`` are checked one statement each, in psycopg's pipeline mode. None of
 these fail on ordinary conflicts: a repeated id is found by the look-up, and a stale
 ``expectedversion`` simply inserts no row.
