@@ -180,6 +180,14 @@ def _overload_section(overload: dict[str, Any] | None, plot: str | None) -> list
             f" {phase['retry_after']}/{st.get('429', 0) + st.get('503', 0)} |"
             f" {phase['p50_ms']:.1f} | {phase['p99_ms']:.1f} |"
         )
+    if "generator" in over:
+        lines += [
+            "",
+            f"The 3× phase is driven by {over['generator']}; its p50/p99 are of all its answers (wrk does not"
+            f" split them by status), and the bus acknowledged at least {over['acked_per_second_min']} posts in"
+            " every whole second of it. The other phases are the Python workers' open loop; their p50/p99 are"
+            " of the acknowledged posts.",
+        ]
     recovered = after.get("recovered_after_s")
     lines += [
         "",
