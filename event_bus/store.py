@@ -83,10 +83,10 @@ BUMP_STREAMS = (
     " SET version = streams.version + EXCLUDED.version, updated_at = now()"
     " RETURNING tenant_id, stream_id, version, now()"
 )
-# The rows themselves go in by COPY, the cheapest write PostgreSQL has (no statement to
-# plan, no JSON document to unpack): about a third less of the database's CPU per event than
-# an INSERT … SELECT over jsonb_to_recordset, and the database is what limits a batch. COPY
-# fires the statement trigger that fills event_keys like an INSERT does.
+# The rows themselves go in by COPY, PostgreSQL's cheapest write (no JSON document for the
+# server to unpack): against an INSERT … SELECT over jsonb_to_recordset, 500-event batches
+# took 8% less of the database's CPU per event (36 vs 39 µs) and ran 9% faster, in alternating
+# rounds on one cluster. COPY fires the statement trigger that fills event_keys like an INSERT.
 COPY_EVENTS = (
     "COPY events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at, data, metadata,"
     " digest) FROM STDIN"
