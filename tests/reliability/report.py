@@ -183,7 +183,9 @@ def _overload_section(overload: dict[str, Any] | None, plot: str | None) -> list
     if "generator" in over:
         lines += [
             "",
-            f"The 3× phase is driven by {over['generator']}; its p50/p99 are of all its answers (wrk does not"
+            f"The 3× phase offers {over['target_rate']:.0f} posts/s, 3× the bus's capacity measured by wrk"
+            f" (64 connections) right before it ({cap['events_per_second_wrk_before_3x']:.0f}/s)."
+            f" It is driven by {over['generator']}; its p50/p99 are of all its answers (wrk does not"
             f" split them by status), and the bus acknowledged at least {over['acked_per_second_min']} posts in"
             " every whole second of it. The other phases are the Python workers' open loop; their p50/p99 are"
             " of the acknowledged posts.",
