@@ -196,11 +196,12 @@ def flood(settings: Settings, rate: float, seconds: float, *, connections: int =
     failed = sum(figures[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
     statuses = {"2xx": tally["ok"], "429": tally["too_many"], "503": tally["unavailable"], "other": tally["other"]}
     statuses = {k: v for k, v in statuses.items() if v} | ({"timeout": failed} if failed else {})
-    by_second: Counter[int] = Counter()
+    answers: dict[int, tuple[int, int]] = {}  # unix second -> (acknowledged, answered)
     for entry in filter(None, tally["seconds"].split(";")):
-        second, ok, _shed, _other = map(int, entry.split())
-        by_second[second] += ok
-    whole_seconds = sorted(by_second)[1:-1]  # the first and last are partial
+        second, ok, shed, other = map(int, entry.split())
+        acked, answered = answers.get(second, (0, 0))
+        answers[second] = (acked + ok, answered + ok + shed + other)
+    whole_seconds = sorted(answers)[1:-1]  # the first and last are partial
     return {
         "seconds": duration,
         "sent": figures["requests"] + failed,
@@ -211,7 +212,8 @@ def flood(settings: Settings, rate: float, seconds: float, *, connections: int =
         "p50_ms": figures["p50_us"] / 1000,
         "p99_ms": figures["p99_us"] / 1000,
         "generator": f"wrk, {connections} connections, paced (pause {pause * 1000:.0f} ms after each answer)",
-        "acked_per_second_min": min((by_second[t] for t in whole_seconds), default=0),
+        "acked_per_second_min": min((answers[t][0] for t in whole_seconds), default=0),
+        "recovered_after_s": _recovered(answers),
     }
 
 
@@ -330,15 +332,25 @@ def recovered_after(shots: list[Shot], *, share: float = 0.99) -> float | None:
     if not shots:
         return None
     start = min(shot.sent for shot in shots)
-    answers: dict[int, list[bool]] = {}
+    answers: dict[int, tuple[int, int]] = {}
     for shot in shots:
-        answers.setdefault(int(shot.sent - start), []).append(200 <= shot.status < 300)
+        acked, answered = answers.get(int(shot.sent - start), (0, 0))
+        answers[int(shot.sent - start)] = (acked + (200 <= shot.status < 300), answered + 1)
+    return _recovered(answers, share=share)
+
+
+def _recovered(answers: dict[int, tuple[int, int]], *, share: float = 0.99) -> float | None:
+    """:func:`recovered_after` over (acknowledged, answered) counts per second."""
+    if not answers:
+        return None
+    first = min(answers)
     recovered: int | None = None
     for second in sorted(answers, reverse=True):
-        if sum(answers[second]) < share * len(answers[second]):
+        acked, answered = answers[second]
+        if acked < share * answered:
             break
         recovered = second
-    return None if recovered is None else float(recovered)
+    return None if recovered is None else float(recovered - first)
 
 
 def per_second(shots: list[Shot], origin: float, samples: list[dict[str, float]]) -> list[dict[str, float]]:
