@@ -1,22 +1,24 @@
 """Ingest capacity, a soak at 80% of it, 3× capacity, and recovery, against the stack's bus.
 
-Load comes from worker processes (``spawn``ed, so they inherit no threads), each running an
-asyncio loop of ``aiohttp`` posts of single domain events for enterprise tenants (no quota:
-back pressure must come from the bus's own load shedding, not from a tenant's bucket).
+The load of every phase comes from ``wrk`` (C): single domain events for enterprise tenants
+(no quota: back pressure must come from the bus's own load shedding, not from a tenant's
+bucket). A Python generator offering the load takes the CPU the bus needs, since both share
+2 CPUs: in a full run its 5,600 posts/s (3×) left the bus 1,200 answers/s and 266,000 client
+timeouts, and its own closed-loop capacity came out at a third of wrk's, so its "80%" soak
+ran at a quarter of the bus's capacity.
 
-- capacity: closed loop, ``clients`` concurrent posters for a few seconds; events/s acked;
-- open-loop phases: request *i* is sent at ``start + i / rate`` whatever the answers, so an
-  overloaded server cannot slow the offered load down (a closed loop would hide overload);
-- the flood (3× capacity): ``wrk``, paced. A Python generator offering 3× the bus's capacity
-  takes about a core of the 2 it shares with the stack, and starves the bus it is meant to
-  measure: in a full run its 5,600 posts/s left the bus 1,200 answers/s and 266,000 client
-  timeouts. wrk's C client costs a small fraction of that. Each connection pauses between
-  its requests so that all of them together offer the rate; that pace is calibrated for the
-  answers' latency first, and the rate achieved is what the report shows.
+- capacity (:func:`measure_capacity`): wrk, closed loop, 64 connections; events/s acked;
+- phases (:func:`flood`): wrk, paced: each connection pauses between its requests so that
+  together they offer the rate; the pause is calibrated for the answers' latency first, and
+  the rate achieved is what the report shows. The wrk script tallies the answers by status,
+  ``Retry-After`` and second;
+- probes (:class:`LoadPool`): worker processes (``spawn``ed, so they inherit no threads)
+  posting open loop with ``aiohttp`` (request *i* at ``start + i / rate`` whatever the
+  answers), each request's send time, latency, status and ``Retry-After`` kept: the latency
+  the report plots.
 
-Every request's send time, latency, status and ``Retry-After`` presence come back to the
-parent; a sampler thread records RSS of the bus, tailer and consumer (process trees) and
-the replication slot's lag once per second.
+A sampler thread records RSS of the bus, tailer and consumer (process trees) and the
+replication slot's lag once per second.
 """
 
 from __future__ import annotations
@@ -122,29 +124,8 @@ async def _open_loop(base_url: str, token: str, rate: float, seconds: float, sta
     return shots
 
 
-async def _closed_loop(base_url: str, token: str, clients: int, seconds: float, start: float) -> list[Shot]:
-    shots: list[Shot] = []
-    prefix = uuid.uuid4().hex[:12]
-    end = start + seconds
-
-    async def one(i: int, session: aiohttp.ClientSession) -> None:
-        n = 0
-        while time.monotonic() < end:
-            await _post(session, _body(f"{prefix}-{i}", n), shots)
-            n += 1
-
-    async with _session(base_url, token, connections=clients) as session:
-        delay = start - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await asyncio.gather(*(one(i, session) for i in range(clients)))
-    return shots
-
-
-def _worker(kind: str, base_url: str, token: str, amount: float, seconds: float, start: float) -> list[Shot]:
-    if kind == "open":
-        return asyncio.run(_open_loop(base_url, token, amount, seconds, start))
-    return asyncio.run(_closed_loop(base_url, token, int(amount), seconds, start))
+def _worker(base_url: str, token: str, rate: float, seconds: float, start: float) -> list[Shot]:
+    return asyncio.run(_open_loop(base_url, token, rate, seconds, start))
 
 
 WRK_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "wrk" / "post_events.lua"
@@ -223,7 +204,7 @@ def _ready() -> bool:
 
 
 class LoadPool:
-    """A few worker processes that split a load between them."""
+    """A few worker processes that split an open-loop load (the probes) between them."""
 
     def __init__(self, settings: Settings, *, workers: int = 2) -> None:
         self._settings = settings
@@ -235,18 +216,10 @@ class LoadPool:
         # Imports done before any timed phase: a worker that starts late would shorten it.
         assert all(self._pool.starmap(_ready, [()] * workers * 4))
 
-    def closed(self, clients: int, seconds: float) -> list[Shot]:
-        return self._run("closed", [clients // self._workers] * self._workers, seconds)
-
     def open(self, rate: float, seconds: float) -> list[Shot]:
-        return self._run("open", [rate / self._workers] * self._workers, seconds)
-
-    def _run(self, kind: str, amounts: list[float], seconds: float) -> list[Shot]:
+        """``rate`` posts/s in total for ``seconds``, open loop, split between the workers."""
         start = time.monotonic() + 0.5  # CLOCK_MONOTONIC is system-wide: the workers share it
-        args = [
-            (kind, self._settings.base_url, token, amount, seconds, start)
-            for token, amount in zip(self._tokens, amounts, strict=True)
-        ]
+        args = [(self._settings.base_url, token, rate / self._workers, seconds, start) for token in self._tokens]
         shots: list[Shot] = []
         for part in self._pool.starmap(_worker, args):
             shots += part
