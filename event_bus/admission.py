@@ -49,9 +49,15 @@ class Admission:
             *((name.lower().encode(), value.encode()) for name, value in problem.headers.items()),
         ]
 
+    @property
+    def full(self) -> bool:
+        """Whether ``limit`` requests are in progress: a request arriving now is refused
+        unless its path is exempt."""
+        return self.in_flight >= self.limit
+
     def refuses(self, path: str) -> bool:
         """Whether a request for ``path`` arriving now is refused (and counted as shed)."""
-        if self.in_flight < self.limit or path in self.exempt:
+        if not self.full or path in self.exempt:
             return False
         if self._on_shed is not None:
             self._on_shed()

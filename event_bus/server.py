@@ -125,7 +125,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._head_started = False
         admission = self.admission
         idle = self.cycle is None or self.cycle.response_complete  # not behind a pipelined request
-        if admission is not None and idle and admission.in_flight >= admission.limit:
+        if admission is not None and idle and admission.full:
             path = urllib.parse.unquote(httptools.parse_url(self.url).path.decode("ascii"))
             if admission.refuses(path):
                 self._refuse(admission)
@@ -134,17 +134,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, admission: Admission) -> None:
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        head = [b"HTTP/1.1 503 Service Unavailable"]
-        head += [name + b": " + value for name, value in self.server_state.default_headers]
-        head += [name + b": " + value for name, value in admission.headers]
-        if not keep_alive:
-            head.append(b"connection: close")
-        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + admission.body)
+        # Set first either way: the parser goes on with the rest of the data it holds (the body).
         self.cycle = _ANSWERED  # type: ignore[assignment]
+        self._write(b"HTTP/1.1 503 Service Unavailable", admission.headers, admission.body, close=not keep_alive)
         if keep_alive:
             self.on_response_complete()  # reads on: the body is dropped, the next request served
-        else:
-            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         # Every request uvicorn refuses before the app sees it (bad syntax, a head too large).
@@ -187,17 +181,22 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _write_problem(self, problem: Problem) -> None:
         body = orjson.dumps(problem.to_json())
-        head = [f"HTTP/1.1 {problem.status} {problem.title}".encode()]
-        for name, value in self.server_state.default_headers:
-            head.append(name + b": " + value)
-        head += [f"{name}: {value}".encode() for name, value in problem.headers.items()]
-        head += [
-            f"content-type: {PROBLEM_CONTENT_TYPE}".encode(),
-            f"content-length: {len(body)}".encode(),
-            b"connection: close",
-        ]
+        headers = [(name.encode(), value.encode()) for name, value in problem.headers.items()]
+        headers.append((b"content-type", PROBLEM_CONTENT_TYPE.encode()))
+        headers.append((b"content-length", str(len(body)).encode()))
+        self._write(f"HTTP/1.1 {problem.status} {problem.title}".encode(), headers, body, close=True)
+
+    def _write(self, status_line: bytes, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool) -> None:
+        """An answer written by the protocol itself, with the server's default headers; ``close``
+        closes the connection after it."""
+        head = [status_line]
+        head += [name + b": " + value for name, value in self.server_state.default_headers]
+        head += [name + b": " + value for name, value in headers]
+        if close:
+            head.append(b"connection: close")
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self.transport.close()
+        if close:
+            self.transport.close()
 
 
 def build_server(app: Any, settings: ServerSettings) -> uvicorn.Server:
