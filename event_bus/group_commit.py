@@ -3,15 +3,19 @@
 Each waiting request is answered only after the transaction holding its event committed
 (``synchronous_commit`` stays on).
 
-A group costs three statements whatever its size: one look-up of already stored ids, one
-upsert of the touched streams' versions, one COPY of all rows (``write_new``). Events with
-an ``expectedversion`` are checked one statement each, in psycopg's pipeline mode. None of
-these fail on ordinary conflicts: a repeated id is found by the look-up, and a stale
-``expectedversion`` simply inserts no row.
+A group costs two statements whatever its size: one upsert of the touched streams' versions
+and one COPY of all rows (``write_new``). Events with an ``expectedversion`` are checked one
+statement each, in psycopg's pipeline mode; a stale ``expectedversion`` simply inserts no row.
 
-What can still abort a group — a concurrent repeat of the same id committed by another
-group, or a deadlock — sends each of its requests down the one-transaction-per-request path
-of :meth:`EventStore.append`, which is slower but settles every case.
+Ids are not looked up first: a repeated id (a producer's retry) fails the COPY on
+``event_keys``' unique index, and the group is written again after one look-up of its ids,
+which answers the repeats from their stored rows. On 500-event batches the look-up cost the
+database about 12 µs per event, a third of its work per event, to find nothing almost always.
+
+What can still abort that second attempt — a concurrent repeat of the same id committed by
+another group in between, or a deadlock — sends each of its requests down the
+one-transaction-per-request path of :meth:`EventStore.append`, which is slower but settles
+every case.
 """
 
 from __future__ import annotations
@@ -195,24 +199,34 @@ class GroupCommitter:
             seen.add(key)
         for pending in later:
             self._queue.put_nowait(pending)
-        try:
-            await self._write(now)
-        except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
-            for pending in now:
-                await self._append_alone(pending)
-        except psycopg.errors.CheckViolation as e:
-            raise no_partition(e) from e
-        except PoolTimeout as e:
-            raise StoreUnavailable("no database connection available in time") from e
-        except psycopg.OperationalError as e:
-            raise StoreUnavailable("the database is unreachable") from e
+        # Optimistic first: new ids are the rule, so the group is written without looking its
+        # ids up. A repeat among them fails the COPY on event_keys' unique index; the group is
+        # then written again with the look-up, which answers repeats from their stored rows.
+        for look_up in (False, True):
+            try:
+                await self._write(now, look_up=look_up)
+                return
+            except psycopg.errors.UniqueViolation:
+                continue
+            except psycopg.errors.DeadlockDetected:
+                break
+            except psycopg.errors.CheckViolation as e:
+                raise no_partition(e) from e
+            except PoolTimeout as e:
+                raise StoreUnavailable("no database connection available in time") from e
+            except psycopg.OperationalError as e:
+                raise StoreUnavailable("the database is unreachable") from e
+        # A concurrent writer committed one of the ids after the look-up, or two groups
+        # deadlocked: one transaction per request settles every case.
+        for pending in now:
+            await self._append_alone(pending)
 
-    async def _write(self, group: list[_Pending]) -> None:
+    async def _write(self, group: list[_Pending], *, look_up: bool) -> None:
         conflicts: list[_Pending] = []
         written: list[tuple[_Pending, AppendResult]] = []
         async with self._store.connection() as conn:
             async with conn.transaction():
-                existing = await find_existing(conn, [p.event for p in group])
+                existing = await find_existing(conn, [p.event for p in group]) if look_up else {}
                 plain: list[_Pending] = []
                 guarded: list[_Pending] = []
                 for pending in group:

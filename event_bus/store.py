@@ -201,10 +201,11 @@ class EventStore:
         if _set_writable(events):
             try:
                 async with self._pool.connection() as conn, conn.transaction():
-                    if not await find_existing(conn, events):
-                        return await write_new(conn, events)
+                    return await write_new(conn, events)
             except (pg_errors.UniqueViolation, pg_errors.DeadlockDetected):
-                pass  # a concurrent writer got in first: the event-by-event path settles it
+                # An id is stored already (a repeat), or a concurrent writer got in first:
+                # the event-by-event path settles each event.
+                pass
             except pg_errors.CheckViolation as e:
                 raise no_partition(e) from e
             except PoolTimeout as e:
@@ -297,10 +298,12 @@ async def find_existing(
 
 
 async def write_new(conn: psycopg.AsyncConnection[Any], events: Sequence[NewEvent]) -> list[AppendResult]:
-    """Insert events that are not stored yet and carry no ``expectedversion``: one upsert, one COPY.
+    """Insert events that carry no ``expectedversion``: one upsert, one COPY.
 
     Versions follow the order of ``events`` within each stream. The caller owns the
-    transaction; a concurrent writer of one of the ids makes the insert fail with UniqueViolation.
+    transaction. An id stored already, or written by a concurrent transaction, makes the COPY
+    fail with UniqueViolation (``event_keys``' primary key): callers write optimistically and
+    settle repeats on that path, rather than look every id up first.
     """
     counts: dict[tuple[str, str], int] = {}
     for e in events:

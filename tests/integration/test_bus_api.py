@@ -68,6 +68,24 @@ def test_concurrent_repeats_store_one_row(bus: RunningBus, database_url: str) ->
     assert rows(database_url, "SELECT count(*) FROM events WHERE event_id = %s", sent["id"]) == [(1,)]
 
 
+def test_repeats_among_new_events_leave_no_gap(bus: RunningBus, database_url: str) -> None:
+    # Groups and batches are written without looking their ids up first; a repeat among them
+    # fails that attempt, and the retry must neither lose the new events nor skip versions.
+    first = [event(subject="mix/1") for _ in range(20)]
+    fresh = [event(subject="mix/1") for _ in range(20)]
+    with bus.client("acme") as client, ThreadPoolExecutor(16) as pool:
+        originals = list(pool.map(lambda body: client.post("/v1/events", json=body), first))
+        assert {r.status_code for r in originals} == {201}
+        mixed = list(pool.map(lambda body: client.post("/v1/events", json=body), [*first, *fresh]))
+        repeat_in_batch = client.post("/v1/events:batch", json=[*[event(subject="mix/1") for _ in range(3)], first[0]])
+    assert [r.status_code for r in mixed] == [200] * 20 + [201] * 20
+    assert [r.json() for r in mixed[:20]] == [r.json() for r in originals]
+    assert repeat_in_batch.status_code == 201, repeat_in_batch.text
+    assert [r["version"] for r in repeat_in_batch.json()["results"]] == [41, 42, 43, originals[0].json()["version"]]
+    versions = rows(database_url, "SELECT version FROM events WHERE stream_id = 'mix/1' ORDER BY version")
+    assert [v for (v,) in versions] == list(range(1, 44))
+
+
 def test_concurrent_writers_get_gapless_versions(bus: RunningBus) -> None:
     with bus.client("acme") as client, ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda _: client.post("/v1/events", json=event(subject="cart/9")), range(60)))
