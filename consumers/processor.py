@@ -61,6 +61,7 @@ from amazon_kclpy.v3.processor import RecordProcessorBase
 from consumers.deadletters import UNKNOWN_TENANT, DeadLetter, DeadLetterSink, DynamoDBDeadLetterSink
 from consumers.stages import STAGE_INTERVAL, BatchTimes, StageRecorder
 from event_bus.envelope import StoredEvent
+from event_bus.gc_tuning import quiet_collector
 from projections.errors import ProjectionError, StoreError, StoreMisconfigured
 from projections.router import BatchResult, EventOutcome, TagRouter
 from projections.stores.dynamodb import DynamoDBConfigStore
@@ -562,6 +563,7 @@ def main() -> int:
     logging.getLogger("botocore").setLevel(logging.WARNING)
     session = boto3.session.Session()
     processor = build_processor(session.client("dynamodb"), session.client("ssm"))
+    quiet_collector()  # no collector pauses of tens of ms in the middle of a batch
     KCLProcess(processor).run()
     return 0
 

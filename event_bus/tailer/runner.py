@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from event_bus.gc_tuning import quiet_collector
 from event_bus.pgoutput import format_lsn
 from event_bus.settings import TailerSettings
 from event_bus.tailer.decoder import ChangeDecoder, DecodedTransaction
@@ -388,6 +389,7 @@ def run_tailer(
 
     ``tailer_options`` go to :class:`LogTailer` (``sink=``, ``aggregate=``, backoff knobs …).
     """
+    quiet_collector()  # no collector pauses of tens of ms between a commit and its publish
     metrics_server = None
     if metrics_port is not None:
         metrics_server = start_metrics_server(metrics_port, host=metrics_host, registry=registry)
