@@ -233,12 +233,8 @@ class GroupCommitter:
                     found = existing.get((pending.event.tenant, pending.event.id))
                     if found is None:
                         (plain if pending.event.expected_version is None else guarded).append(pending)
-                    elif found[5] != pending.event.digest:
-                        pending.settle(IdConflict(0, pending.event.id))
                     else:
-                        pending.settle(
-                            AppendResult(pending.event.id, pending.event.tenant, found[2], found[3], found[4], False)
-                        )
+                        _settle_repeat(pending, found)
                 if plain:
                     results = await write_new(conn, [p.event for p in plain])
                     written.extend(zip(plain, results, strict=True))
@@ -257,12 +253,28 @@ class GroupCommitter:
             self._on_commit(len(written))
             for pending, result in written:
                 pending.settle(result)
-            for pending in conflicts:
-                e = pending.event
-                cur = await conn.execute(CURRENT_VERSION, (e.tenant, e.stream))
-                current = await cur.fetchone()
-                await conn.rollback()
-                pending.settle(VersionConflict(0, e.stream, e.expected_version or 0, int(current[0]) if current else 0))
+            if conflicts:
+                await self._settle_conflicts(conn, conflicts)
+
+    @staticmethod
+    async def _settle_conflicts(conn: psycopg.AsyncConnection[Any], conflicts: list[_Pending]) -> None:
+        """Answer the events whose expected version was stale: repeats from their stored rows, the rest 409.
+
+        A producer's retry of an event with ``expectedversion`` finds the stream already past
+        that version (its first attempt moved it there); without a look-up first, it shows up
+        here rather than on the unique index.
+        """
+        existing = await find_existing(conn, [p.event for p in conflicts])
+        for pending in conflicts:
+            e = pending.event
+            found = existing.get((e.tenant, e.id))
+            if found is not None:
+                _settle_repeat(pending, found)
+                continue
+            cur = await conn.execute(CURRENT_VERSION, (e.tenant, e.stream))
+            current = await cur.fetchone()
+            pending.settle(VersionConflict(0, e.stream, e.expected_version or 0, int(current[0]) if current else 0))
+        await conn.rollback()
 
     async def _append_alone(self, pending: _Pending) -> None:
         if pending.done:
@@ -273,6 +285,15 @@ class GroupCommitter:
             pending.settle(e)
         else:
             pending.settle(result)
+
+
+def _settle_repeat(pending: _Pending, found: Any) -> None:
+    """Answer an id stored already: its original result if the content matches, else a conflict."""
+    e = pending.event
+    if found[5] != e.digest:
+        pending.settle(IdConflict(0, e.id))
+    else:
+        pending.settle(AppendResult(e.id, e.tenant, found[2], found[3], found[4], False))
 
 
 def _statement(event: NewEvent) -> tuple[sql.Composed, tuple[Any, ...]]:
