@@ -289,6 +289,8 @@ def test_expected_version_events_are_idempotent_too(bus: RunningBus) -> None:
         changed = client.post("/v1/events", json=first | {"data": 1})
     assert (created.status_code, repeat.status_code, changed.status_code) == (201, 200, 409)
     assert repeat.json() == created.json()
+    # The changed repeat reuses an id: that conflict, not a stale version (both are 409s).
+    assert changed.json()["type"].endswith("id-conflict")
 
 
 def test_the_keeper_makes_a_missing_month_again_on_its_next_round(database_url: str) -> None:
