@@ -192,6 +192,8 @@ class PartSpec:
     user: str | None = None
     prepare: Callable[[], None] | None = None
     after_start: Callable[[], None] | None = None
+    #: What to tell the operator when the part is not healthy in time (``None``: nothing to add).
+    slow_start_hint: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,26 @@ def _kinesis_spec(cfg: StackConfig) -> PartSpec:
         # On SIGTERM it writes its whole state out; a SIGKILL mid-write leaves a truncated file.
         stop_timeout=120.0,
         prepare=lambda: _prepare_kinesis(cfg, data),
+        slow_start_hint=lambda: kinesis_reload_hint(data / "kinesis-data.json"),
+    )
+
+
+#: A saved kinesis-mock state past this size takes it long to reload (6.8 GB took over a minute).
+KINESIS_BIG_STATE_BYTES = 512 * 1024 * 1024
+
+
+def kinesis_reload_hint(state: Path) -> str | None:
+    """Why kinesis-mock may still be starting, and how to reset it, when its saved state is big."""
+    try:
+        size = state.stat().st_size
+    except OSError:
+        return None
+    if size < KINESIS_BIG_STATE_BYTES:
+        return None
+    return (
+        f"kinesis-mock reloads its saved state ({size / 1e9:.1f} GB, {state}) before it answers, which"
+        " can take minutes; wait and run `tagbus up` again, or start with empty streams:"
+        f" `tagbus down && rm -rf {state.parent}` (`tagbus republish` re-sends a range of events)"
     )
 
 
@@ -546,7 +568,9 @@ def wait_healthy(spec: PartSpec, pid: int, log_file: Path) -> None:
             if time.monotonic() - started >= spec.min_alive:
                 return
         if time.monotonic() >= deadline:
-            raise PartStartError(spec.name, log_file, f"not healthy after {spec.timeout:.0f}s ({last_error})")
+            hint = spec.slow_start_hint() if spec.slow_start_hint else None
+            reason = f"not healthy after {spec.timeout:.0f}s ({last_error})" + (f"; {hint}" if hint else "")
+            raise PartStartError(spec.name, log_file, reason)
         time.sleep(0.25)
 
 

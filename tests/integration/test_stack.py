@@ -302,3 +302,39 @@ def test_multilang_daemon_consumes_and_checkpoints(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def test_a_part_not_healthy_in_time_names_its_hint(tmp_path: Path) -> None:
+    def still_loading() -> None:
+        raise ConnectionError("still loading")
+
+    cfg = stack.StackConfig(root=tmp_path)
+    spec = stack.PartSpec(
+        name="slow",
+        argv=(sys.executable, "-c", "import time; time.sleep(30)"),
+        cwd=tmp_path,
+        marker="time.sleep(30)",
+        health=still_loading,
+        timeout=0.5,
+        slow_start_hint=lambda: "it reloads its saved state",
+    )
+    pid = stack.spawn_detached(spec, cfg.pid_file("slow"), cfg.log_file("slow"))
+    try:
+        with pytest.raises(stack.PartStartError) as info:
+            stack.wait_healthy(spec, pid, cfg.log_file("slow"))
+        assert "still loading" in info.value.reason
+        assert info.value.reason.endswith("; it reloads its saved state")
+    finally:
+        stack.stop_part(cfg, spec)
+
+
+def test_kinesis_hint_only_for_a_big_saved_state(tmp_path: Path) -> None:
+    state = tmp_path / "kinesis-data" / "kinesis-data.json"
+    assert stack.kinesis_reload_hint(state) is None  # no saved state
+    state.parent.mkdir()
+    state.write_text("{}")
+    assert stack.kinesis_reload_hint(state) is None  # small: nothing to explain
+    os.truncate(state, stack.KINESIS_BIG_STATE_BYTES)  # sparse: takes no disk
+    hint = stack.kinesis_reload_hint(state)
+    assert hint is not None
+    assert "0.5 GB" in hint and f"rm -rf {state.parent}" in hint
