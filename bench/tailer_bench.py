@@ -62,6 +62,7 @@ from event_bus.gc_tuning import quiet_collector
 from event_bus.settings import TailerSettings
 from event_bus.tailer import ChangeDecoder, KinesisPublisher, LogTailer, NullSink, SlotReader, TailerMetrics
 from event_bus.tailer.stream import ReplicationStream
+from tagbus.install import find_postgres_bindir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -340,8 +341,6 @@ def measure_decode(url: str, backlog: Backlog, sizes: Sizes) -> dict[str, Any]:
 def recvlogical(url: str, slot: str, end_lsn: str, timeout: float = 600.0) -> None:
     """PostgreSQL's own client of the tailer's route: ``pg_recvlogical`` streams the slot with
     the tailer's pgoutput options up to ``end_lsn`` into ``/dev/null`` (the raw decode baseline)."""
-    from tagbus.install import find_postgres_bindir
-
     subprocess.run(
         [
             str(find_postgres_bindir() / "pg_recvlogical"),

@@ -29,6 +29,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 from psycopg_pool import PoolTimeout
 
 from event_bus.store import (
@@ -287,8 +288,9 @@ class GroupCommitter:
             pending.settle(result)
 
 
-def _settle_repeat(pending: _Pending, found: Any) -> None:
-    """Answer an id stored already: its original result if the content matches, else a conflict."""
+def _settle_repeat(pending: _Pending, found: TupleRow) -> None:
+    """Answer an id stored already (``found``: a :func:`find_existing` row): its original result if the
+    content matches, else a conflict."""
     e = pending.event
     if found[5] != e.digest:
         pending.settle(IdConflict(0, e.id))
