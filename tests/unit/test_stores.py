@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -25,11 +25,16 @@ from projections.stores.botocore_errors import translate
 from projections.stores.dynamodb import TRANSACT_MAX, TRANSACT_MIN, DynamoDBConfigStore
 from projections.stores.memory import MemoryConfigStore
 from projections.stores.ssm import SSMConfigStore
-from tests.unit.store_suite import T0, ConfigStoreSuite, change, new_tenant
+from tests.unit.store_suite import ConfigStoreSuite, change, new_tenant
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_ssm import SSMClient
+
+#: The stores' clock, which dates tombstones. It must lie ahead of the real time: DynamoDB
+#: Local's TTL sweeper deletes items whose ``expires_at`` has passed, so a tombstone dated
+#: from the suite's T0 (2024) could vanish between a delete and the late ``set`` it guards.
+STORE_NOW = datetime(2100, 1, 1, tzinfo=UTC)
 
 
 def _client_kwargs(variable: str) -> dict[str, Any]:
@@ -102,7 +107,7 @@ class TestDynamoDBStore(ConfigStoreSuite):
         self, request: pytest.FixtureRequest, dynamodb_client: DynamoDBClient, dynamodb_table: str
     ) -> DynamoDBConfigStore:
         return DynamoDBConfigStore(
-            dynamodb_client, table_name=dynamodb_table, clock=lambda: T0, transact_min=request.param
+            dynamodb_client, table_name=dynamodb_table, clock=lambda: STORE_NOW, transact_min=request.param
         )
 
     @pytest.fixture
@@ -127,7 +132,7 @@ class TestDynamoDBStore(ConfigStoreSuite):
             ConsistentRead=True,
         )["Item"]
         assert tombstone["deleted"] == {"BOOL": True} and "value" not in tombstone
-        assert tombstone["expires_at"] == {"N": str(int((T0 + timedelta(days=7)).timestamp()))}
+        assert tombstone["expires_at"] == {"N": str(int((STORE_NOW + timedelta(days=7)).timestamp()))}
 
     def test_ensure_table_is_idempotent_and_enables_ttl(
         self, store: DynamoDBConfigStore, dynamodb_client: DynamoDBClient
@@ -140,7 +145,7 @@ class TestDynamoDBStore(ConfigStoreSuite):
     def test_large_batch_goes_out_as_transactions_with_stale_items_reported(
         self, dynamodb_client: DynamoDBClient, dynamodb_table: str
     ) -> None:
-        store = DynamoDBConfigStore(dynamodb_client, table_name=dynamodb_table, clock=lambda: T0)
+        store = DynamoDBConfigStore(dynamodb_client, table_name=dynamodb_table, clock=lambda: STORE_NOW)
         tenant = new_tenant()
         keys = [f"tenantconfig:k/{n:03d}" for n in range(TRANSACT_MAX + 30)]
         # Every third key already holds a newer version: its put must come back STALE.
@@ -163,7 +168,7 @@ class TestDynamoDBStore(ConfigStoreSuite):
     def test_a_bad_item_fails_alone_and_the_rest_of_the_transaction_lands(
         self, dynamodb_client: DynamoDBClient, dynamodb_table: str
     ) -> None:
-        store = DynamoDBConfigStore(dynamodb_client, table_name=dynamodb_table, clock=lambda: T0)
+        store = DynamoDBConfigStore(dynamodb_client, table_name=dynamodb_table, clock=lambda: STORE_NOW)
         tenant = new_tenant()
         changes = [change(tenant, f"tenantconfig:k{n}", 1, "small") for n in range(5)]
         # Over DynamoDB's 400 KB item limit: the whole TransactWriteItems is refused.
@@ -178,7 +183,9 @@ class TestDynamoDBStore(ConfigStoreSuite):
     def test_bulk_put_writes_final_states_with_either_request(
         self, dynamodb_client: DynamoDBClient, dynamodb_table: str, bulk_write: Any
     ) -> None:
-        store = DynamoDBConfigStore(dynamodb_client, table_name=dynamodb_table, clock=lambda: T0, bulk_write=bulk_write)
+        store = DynamoDBConfigStore(
+            dynamodb_client, table_name=dynamodb_table, clock=lambda: STORE_NOW, bulk_write=bulk_write
+        )
         tenant = new_tenant()
         changes = [change(tenant, f"tenantconfig:b/{n:03d}", n + 1, {"n": n}) for n in range(TRANSACT_MAX + 7)]
         changes.append(change(tenant, "tenantconfig:b/gone", 3, deleted=True))
