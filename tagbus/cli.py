@@ -260,6 +260,14 @@ def tailer(
     aggregate: Annotated[
         bool, typer.Option(envvar="TAGBUS_TAILER_AGGREGATE", help="KPL-aggregate records (KCL consumers de-aggregate).")
     ] = False,
+    in_flight: Annotated[
+        int,
+        typer.Option(
+            envvar="TAGBUS_TAILER_IN_FLIGHT",
+            min=1,
+            help="Batches published at once; one sharing a stream with a batch in flight waits for it.",
+        ),
+    ] = 2,
 ) -> None:
     """Run the log tailer (WAL → Kinesis) in the foreground; a second one waits as standby."""
     import logging
@@ -279,7 +287,9 @@ def tailer(
     kinesis = aws.client(
         s, "kinesis", connect_timeout=5, read_timeout=15, retries={"mode": "standard", "max_attempts": 1}
     )
-    run_tailer(s.tailer(), kinesis, stop=stop, metrics_port=metrics_port or None, aggregate=aggregate)
+    run_tailer(
+        s.tailer(), kinesis, stop=stop, metrics_port=metrics_port or None, aggregate=aggregate, in_flight=in_flight
+    )
 
 
 @app.command()

@@ -6,12 +6,16 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from event_bus.envelope import StoredEvent
 from event_bus.gc_tuning import quiet_collector
 from event_bus.pgoutput import format_lsn
 from event_bus.settings import TailerSettings
@@ -25,6 +29,14 @@ from event_bus.tailer.stream import Keepalive, ReplicationStream
 
 LOG = logging.getLogger(__name__)
 
+#: Batches the relay loop keeps published at once (see :meth:`LogTailer.relay_cycle`).
+DEFAULT_IN_FLIGHT = 2
+#: How long a relay cycle waits for new changes while a batch is in flight: short, so an
+#: acknowledgement is confirmed on the slot soon after it arrives.
+_IN_FLIGHT_POLL_SECONDS = 0.005
+#: Wait this long for an acknowledgement before keeping the replication connection alive.
+_QUIET_WAIT_SECONDS = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class CycleResult:
@@ -34,6 +46,19 @@ class CycleResult:
     events: int
     heartbeats: int
     advanced_to: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A batch handed to the sink and not yet confirmed on the slot."""
+
+    transactions: list[DecodedTransaction]
+    #: The partition keys of its events: a later batch sharing one waits for this one.
+    keys: frozenset[str]
+    #: The slot moves here once this batch and every earlier one are acknowledged.
+    confirm_to: int
+    #: Resolves to the acknowledgement time; ``None`` when there was nothing to publish.
+    acked: Future[float] | None
 
 
 class LogTailer:
@@ -57,6 +82,7 @@ class LogTailer:
         reconnect_backoff_cap_seconds: float = 10.0,
         publish_backoff_cap_seconds: float = 5.0,
         aggregate: bool = False,
+        in_flight: int = DEFAULT_IN_FLIGHT,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -95,6 +121,9 @@ class LogTailer:
         self._last_status = float("-inf")
         self._last_progress = time.monotonic()
         self._slot_ready = False
+        self._in_flight_limit = max(1, in_flight)
+        self._in_flight: deque[_InFlight] = deque()
+        self._publishers: ThreadPoolExecutor | None = None
 
     # -- lifecycle
 
@@ -105,6 +134,10 @@ class LogTailer:
         self.close()
 
     def close(self) -> None:
+        self._abandon_in_flight()
+        if self._publishers is not None:
+            self._publishers.shutdown()
+            self._publishers = None
         self._close_stream()
         self._reader.close()
         self._lock.release()
@@ -165,17 +198,11 @@ class LogTailer:
             self._close_stream()
             raise
         if events:
-            acked_at = self._clock()
-            self.metrics.events_published.inc(len(events))
-            self.metrics.last_publish_time.set(acked_at)
-            for transaction in transactions:
-                if transaction.events:
-                    self.metrics.commit_to_ack_seconds.observe(max(0.0, acked_at - transaction.commit_time.timestamp()))
+            self._acknowledged(transactions, len(events), self._clock())
         if advanced_to is not None:
             if not live and not self._reader.wait_confirmed(advanced_to):
                 LOG.warning("the server has not applied the slot confirmation to %s yet", format_lsn(advanced_to))
-            self.metrics.last_advance_time.set(self._clock())
-            self._last_progress = time.monotonic()
+            self._advanced()
         elif idle_advanced:
             self.metrics.last_advance_time.set(self._clock())  # the slot moved, to the keepalive's position
         self._refresh_status()
@@ -185,6 +212,117 @@ class LogTailer:
             heartbeats=sum(1 for t in transactions if t.heartbeat),
             advanced_to=advanced_to,
         )
+
+    def relay_cycle(self) -> CycleResult:
+        """One cycle of the relay loop: read what has arrived, hand it to the sink, confirm what is acknowledged.
+
+        Unlike :meth:`run_once`, a cycle does not wait for its batch's acknowledgement: up to
+        ``in_flight`` batches are published at once, each by a worker thread, so the next
+        batch is read, decoded and sent while Kinesis still answers the one before. Order
+        holds because a batch that shares a partition key with one in flight waits for it
+        (Kinesis orders records of one shard only as their requests arrive), and the slot is
+        confirmed in commit order, only past batches that were acknowledged along with every
+        batch before them. A crash therefore resends at most the in-flight batches, as
+        before. ``advanced_to`` is where this cycle's confirmations moved the slot.
+        """
+        if not self.try_activate():
+            raise LockUnavailableError("another tailer holds the lock")
+        self._check_lock()
+        pending = self._in_flight
+        try:
+            advanced_to = self._settle(block=False)
+            wait = self.settings.poll_interval_seconds
+            transactions = self._read_available(min(wait, _IN_FLIGHT_POLL_SECONDS) if pending else wait)
+            events = [event for transaction in transactions for event in transaction.events]
+            confirm_to = max(transactions[-1].end_lsn if transactions else 0, self._idle_to or 0)
+            if events:
+                keys = frozenset(event.partition_key for event in events)
+                while pending and (len(pending) >= self._in_flight_limit or _shares_a_key(keys, pending)):
+                    advanced_to = self._settle(block=True) or advanced_to
+                pending.append(_InFlight(transactions, keys, confirm_to, self._submit(events)))
+            elif confirm_to > self._stream.confirmed:
+                # Heartbeats or a keepalive position: the slot may move there after what is in flight.
+                pending.append(_InFlight(transactions, frozenset(), confirm_to, None))
+            advanced_to = self._settle(block=False) or advanced_to
+        except BaseException as exc:
+            # What was read but not confirmed is read again from the slot: restart the stream.
+            # A failure that is not retried stops the publishes still in flight too.
+            self._abandon_in_flight(stop=not isinstance(exc, DatabaseUnavailableError))
+            self._close_stream()
+            raise
+        self._refresh_status()
+        return CycleResult(
+            transactions=len(transactions),
+            events=len(events),
+            heartbeats=sum(1 for t in transactions if t.heartbeat),
+            advanced_to=advanced_to,
+        )
+
+    def _submit(self, events: Sequence[StoredEvent]) -> Future[float]:
+        if self._publishers is None:
+            self._publishers = ThreadPoolExecutor(self._in_flight_limit, thread_name_prefix="tagbus-tailer-publish")
+        return self._publishers.submit(self._publish_now, events)
+
+    def _publish_now(self, events: Sequence[StoredEvent]) -> float:
+        self.sink.publish(events)
+        return self._clock()
+
+    def _settle(self, *, block: bool) -> int | None:
+        """Confirm the slot past acknowledged batches at the head of the queue; where it moved, if it did.
+
+        ``block=True`` waits for the head batch (only that one). A publish failure is raised here.
+        """
+        advanced_to = None
+        while self._in_flight:
+            head = self._in_flight[0]
+            if head.acked is not None:
+                if not block and not head.acked.done():
+                    break
+                acked_at = self._acknowledgement(head.acked)
+                self._acknowledged(head.transactions, sum(len(t.events) for t in head.transactions), acked_at)
+            self._in_flight.popleft()
+            if head.confirm_to > self._stream.confirmed:
+                self._stream.confirm(head.confirm_to)
+                advanced_to = head.confirm_to
+                self._advanced()
+            if block:
+                break
+        return advanced_to
+
+    def _acknowledgement(self, acked: Future[float]) -> float:
+        try:
+            return acked.result(_QUIET_WAIT_SECONDS)
+        except FutureTimeout:
+            # A slow or throttled Kinesis: keep the replication connection alive meanwhile.
+            with self._stream.kept_alive():
+                return acked.result()
+
+    def _abandon_in_flight(self, *, stop: bool = False) -> None:
+        """Let the batches in flight finish without confirming them (they are read and sent again).
+
+        ``stop=True`` first asks them to give up their retries: the tailer is stopping.
+        """
+        if not self._in_flight:
+            return
+        if stop:
+            self._stop.set()
+        for batch in self._in_flight:
+            if batch.acked is not None:
+                exc = batch.acked.exception()
+                if exc is not None and not isinstance(exc, PublishInterruptedError):
+                    LOG.warning("a batch in flight failed too: %r", exc)
+        self._in_flight.clear()
+
+    def _acknowledged(self, transactions: list[DecodedTransaction], events: int, acked_at: float) -> None:
+        self.metrics.events_published.inc(events)
+        self.metrics.last_publish_time.set(acked_at)
+        for transaction in transactions:
+            if transaction.events:
+                self.metrics.commit_to_ack_seconds.observe(max(0.0, acked_at - transaction.commit_time.timestamp()))
+
+    def _advanced(self) -> None:
+        self.metrics.last_advance_time.set(self._clock())
+        self._last_progress = time.monotonic()
 
     def _read_until(self, target: int) -> list[DecodedTransaction]:
         """Transactions until the server has sent everything before ``target`` (or a batch is full)."""
@@ -311,8 +449,9 @@ class LogTailer:
                         LOG.log(level, "tailer active on slot %s", self.settings.slot_name)
                         waiting_logged = False
                     # The cycle itself waits (up to the poll interval) for the server to push
-                    # a change, so an idle loop needs no sleep and a commit is read at once.
-                    result = self.run_once(live=True)
+                    # a change, so an idle loop needs no sleep and a commit is read at once;
+                    # it returns without waiting for its batch's acknowledgement.
+                    result = self.relay_cycle()
                     failures = 0
                     if result.transactions:
                         continue
@@ -326,12 +465,21 @@ class LogTailer:
                     LOG.warning("database unavailable (%s); retrying in %.2fs", exc, delay)
                     self.close()
                     stop.wait(delay)
+            self._finish_in_flight()
         finally:
             self.close()
             LOG.info("tailer stopped")
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _finish_in_flight(self) -> None:
+        """On a clean stop: confirm the batches in flight once acknowledged (fewer resent on restart)."""
+        try:
+            while self._in_flight:
+                self._settle(block=True)
+        except (PublishInterruptedError, DatabaseUnavailableError):
+            pass  # stopped mid-retry, or the server is gone: what is unconfirmed is sent again
 
     def _wait_or_stop(self, seconds: float) -> bool:
         # Looks the event up at call time: run(stop) may swap in the caller's event.
@@ -373,6 +521,10 @@ class _Batch:
             return False
         self.transactions.append(completed)
         return self.changes >= self._max_changes or self.bytes >= self._max_bytes
+
+
+def _shares_a_key(keys: frozenset[str], in_flight: deque[_InFlight]) -> bool:
+    return any(not keys.isdisjoint(batch.keys) for batch in in_flight)
 
 
 def run_tailer(

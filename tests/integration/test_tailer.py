@@ -353,6 +353,110 @@ def test_oversize_record_is_loud_and_blocks(database_url: str, slot_name: str, t
     assert confirmed_flush(database_url, slot_name) == start
 
 
+# ------------------------------------------------------------------ batches in flight
+
+
+class GatedSink:
+    """A sink whose publishes each return only once the test opens their gate."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.gates: list[threading.Event] = []
+        self._lock = threading.Lock()
+
+    def publish(self, batch: Sequence[StoredEvent]) -> None:
+        gate = threading.Event()
+        with self._lock:
+            self.calls.append([event.id for event in batch])
+            self.gates.append(gate)
+        gate.wait(10)
+
+    def open_all(self) -> None:
+        with self._lock:
+            for gate in self.gates:
+                gate.set()
+
+
+def cycle_until(tailer: LogTailer, condition: Callable[[], bool]) -> None:
+    wait_for(lambda: tailer.relay_cycle() is not None and condition())
+
+
+def test_a_batch_of_other_streams_goes_out_while_one_is_in_flight_and_the_slot_waits_for_both(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    sink = GatedSink()
+    tailer = make_tailer(database_url, slot_name, sink, in_flight=2)
+    tailers.append(tailer)
+    try:
+        tailer.try_activate()
+        tailer.relay_cycle()  # the stream is started and idle
+        start = confirmed_flush(database_url, slot_name)
+        commit_events(database_url, [("a1", "a", 1)])
+        cycle_until(tailer, lambda: len(sink.calls) == 1)
+        commit_events(database_url, [("b1", "b", 1)])
+        cycle_until(tailer, lambda: len(sink.calls) == 2)  # published while a1 is unacknowledged
+
+        sink.gates[1].set()  # the later batch is acknowledged first
+        for _ in range(10):
+            tailer.relay_cycle()
+        time.sleep(0.3)
+        assert confirmed_flush(database_url, slot_name) == start  # never past a1, which is still in flight
+
+        sink.gates[0].set()
+        cycle_until(tailer, lambda: confirmed_flush(database_url, slot_name) > start)
+        assert sink.calls == [["a1"], ["b1"]]
+        assert tailer.metrics.events_published._value.get() == 2
+        assert tailer.drain().events == 0  # both confirmed: nothing is read again
+    finally:
+        sink.open_all()
+
+
+def test_a_batch_sharing_a_stream_with_one_in_flight_waits_for_it(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    sink = GatedSink()
+    tailer = make_tailer(database_url, slot_name, sink, in_flight=3)
+    tailers.append(tailer)
+    try:
+        tailer.try_activate()
+        tailer.relay_cycle()
+        commit_events(database_url, [("a1", "a", 1), ("x1", "x", 1)])
+        cycle_until(tailer, lambda: len(sink.calls) == 1)
+        commit_events(database_url, [("y1", "y", 1), ("a2", "a", 2)])
+        cycle = threading.Thread(target=tailer.relay_cycle)
+        cycle.start()
+        time.sleep(0.5)
+        assert sink.calls == [["a1", "x1"]]  # stream a's version 2 must not race version 1
+        sink.gates[0].set()
+        cycle.join(10)
+        assert not cycle.is_alive()
+        assert sink.calls == [["a1", "x1"], ["y1", "a2"]]
+    finally:
+        sink.open_all()
+
+
+def test_a_full_window_waits_for_the_oldest_batch(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
+    sink = GatedSink()
+    tailer = make_tailer(database_url, slot_name, sink, in_flight=2)
+    tailers.append(tailer)
+    try:
+        tailer.try_activate()
+        tailer.relay_cycle()
+        for n, stream in enumerate("abc"):
+            commit_events(database_url, [(f"{stream}1", stream, 1)])
+            if n < 2:
+                cycle_until(tailer, lambda n=n: len(sink.calls) == n + 1)
+        cycle = threading.Thread(target=tailer.relay_cycle)
+        cycle.start()
+        time.sleep(0.5)
+        assert len(sink.calls) == 2  # two in flight: the third batch waits
+        sink.gates[0].set()
+        cycle.join(10)
+        assert sink.calls == [["a1"], ["b1"], ["c1"]]
+    finally:
+        sink.open_all()
+
+
 # ------------------------------------------------------------------ Kinesis partial failures
 
 
