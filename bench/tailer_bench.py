@@ -11,10 +11,11 @@
    same rows to a client already costs a third of it, and the walsender's sending, even to
    ``pg_recvlogical``, more than half). All runs alternate; each reads a fresh copy
    (``pg_copy_logical_replication_slot``) of the backlog's slot.
-2. **publish**: the tailer draining the last N events of the backlog into a private
-   kinesis-mock (streams of 1 and 4 shards, without and with KPL aggregation) versus raw
-   ``PutRecords`` of the very same records (500 records / 5 MiB a request, one client)
-   before and after it. The same publisher against an in-process endpoint that acknowledges
+2. **publish**: the tailer's relay loop (``LogTailer.run()``, as the tailer process runs
+   it, batches in flight included) publishing the last N events of the backlog into a
+   private kinesis-mock (streams of 1 and 4 shards, without and with KPL aggregation) versus
+   raw ``PutRecords`` of the very same records (500 records / 5 MiB a request, one client,
+   one request at a time) before and after it. The same publisher against an in-process endpoint that acknowledges
    at once gives its CPU cost, used by the on-paper sizing for real Kinesis.
 3. **latency**: commit → Kinesis-acknowledged, single-event transactions committed at a
    steady 1,000 events/s by paced inserters while ``LogTailer.run()`` relays them; measured
@@ -61,6 +62,7 @@ from event_bus.envelope import StoredEvent
 from event_bus.gc_tuning import quiet_collector
 from event_bus.settings import TailerSettings
 from event_bus.tailer import ChangeDecoder, KinesisPublisher, LogTailer, NullSink, SlotReader, TailerMetrics
+from event_bus.tailer.runner import DEFAULT_IN_FLIGHT
 from event_bus.tailer.stream import ReplicationStream
 from tagbus.install import find_postgres_bindir
 
@@ -70,9 +72,12 @@ BENCH_DB = "tagbus_bench_tailer"
 SLOT_PREFIX = "bench_tailer_"
 PUBLICATION = "tagbus_events"
 #: The same options as :meth:`event_bus.tailer.SlotReader.peek`, whole backlog in one call.
+#: Bounded by the WAL position taken after loading, as ``pg_recvlogical`` is: the streamed
+#: reference counts this many messages, and an unbounded peek once counted a transaction
+#: committed later that the stream had not reached.
 RAW_PEEK = """
     SELECT count(*) FROM pg_logical_slot_peek_binary_changes(
-        %s::name, NULL, NULL, 'proto_version', '1', 'publication_names', '"tagbus_events"', 'messages', 'true')
+        %s::name, %s::pg_lsn, NULL, 'proto_version', '1', 'publication_names', '"tagbus_events"', 'messages', 'true')
 """
 INSERT_BATCH = """
     INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,
@@ -266,7 +271,7 @@ def measure_decode(url: str, backlog: Backlog, sizes: Sizes) -> dict[str, Any]:
         for round_ in range(sizes.decode_rounds):
             with slot_copy(admin, backlog.full_slot) as peek_slot:
                 started = time.perf_counter()
-                [(messages,)] = admin.execute(RAW_PEEK, (peek_slot,)).fetchall()
+                [(messages,)] = admin.execute(RAW_PEEK, (peek_slot, end_lsn)).fetchall()
                 peek_rates.append(backlog.events / (time.perf_counter() - started))
             with slot_copy(admin, backlog.full_slot) as raw_slot:
                 started = time.perf_counter()
@@ -627,6 +632,33 @@ def fresh_stream(client: Any, prefix: str, shards: int) -> Iterator[str]:
         client.delete_stream(StreamName=name, EnforceConsumerDeletion=True)
 
 
+def relay_all(tailer: LogTailer, registry: CollectorRegistry, events: int, timeout: float = 600.0) -> float:
+    """Run the relay loop, as the tailer process does, until ``events`` are acknowledged; the seconds it took."""
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            tailer.run(stop)
+        except BaseException as exc:  # handed to the main thread, which raises it
+            failure.append(exc)
+
+    thread = threading.Thread(target=loop, name="bench-relay", daemon=True)
+    started = time.perf_counter()
+    thread.start()
+    try:
+        while (registry.get_sample_value("tagbus_tailer_events_published_total") or 0) < events:
+            if failure:
+                raise failure[0]
+            if not thread.is_alive() or time.perf_counter() - started > timeout:
+                raise RuntimeError(f"the tailer did not publish {events} events in {timeout:.0f} s")
+            time.sleep(0.002)
+        return time.perf_counter() - started
+    finally:
+        stop.set()
+        thread.join(60)
+
+
 def measure_publish(
     url: str, backlog: Backlog, sizes: Sizes, client: Any, *, prefix: str, shard_counts: Sequence[int]
 ) -> list[dict[str, Any]]:
@@ -662,11 +694,7 @@ def measure_publish(
                     with LogTailer(settings, client, aggregate=aggregate, registry=registry) as tailer:
                         if not tailer.try_activate():
                             raise RuntimeError("another tailer holds the bench database's lock")
-                        started = time.perf_counter()
-                        result = tailer.drain()
-                        tailer_seconds = time.perf_counter() - started
-                    if result.events != len(events):
-                        raise RuntimeError(f"tailer published {result.events} events, expected {len(events)}")
+                        tailer_seconds = relay_all(tailer, registry, len(events))
                     sent = registry.get_sample_value("tagbus_tailer_putrecords_batch_size_sum") or 0.0
                     retries = sum(
                         s.value
@@ -715,10 +743,15 @@ class AckClock:
     def __init__(self, inner: KinesisPublisher) -> None:
         self._inner = inner
         self.acked: dict[str, float] = {}
+        #: When each event was handed to the publisher (read, decoded, and its turn come).
+        self.handed: dict[str, float] = {}
         #: Seconds each ``publish`` took (one or more PutRecords round trips).
         self.publish_seconds: list[float] = []
 
     def publish(self, batch: Sequence[StoredEvent]) -> None:
+        handed = time.time()
+        for event in batch:
+            self.handed.setdefault(event.id, handed)
         started = time.perf_counter()
         self._inner.publish(batch)
         self.publish_seconds.append(time.perf_counter() - started)
@@ -766,7 +799,16 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def measure_latency(
-    url: str, sizes: Sizes, client: Any, stream: str, *, shards: int, aggregate: bool, seconds: float, first: int
+    url: str,
+    sizes: Sizes,
+    client: Any,
+    stream: str,
+    *,
+    shards: int,
+    aggregate: bool,
+    seconds: float,
+    first: int,
+    in_flight: int = DEFAULT_IN_FLIGHT,
 ) -> dict[str, Any]:
     """Commit → acknowledged latency while single-event transactions arrive at a steady rate."""
     slot = f"{SLOT_PREFIX}latency"
@@ -778,7 +820,7 @@ def measure_latency(
     settings = tailer_settings(url, slot, sizes, stream=stream)
     stop = threading.Event()
     failure: list[BaseException] = []
-    tailer = LogTailer(settings, None, sink=sink, registry=registry)
+    tailer = LogTailer(settings, None, sink=sink, registry=registry, in_flight=in_flight)
 
     def relay() -> None:
         try:
@@ -850,6 +892,7 @@ def measure_latency(
     count = registry.get_sample_value("tagbus_tailer_commit_to_ack_seconds_count") or 0.0
     within = registry.get_sample_value("tagbus_tailer_commit_to_ack_seconds_bucket", {"le": "0.1"}) or 0.0
     p50, p99 = percentile(latencies, 0.50), percentile(latencies, 0.99)
+    waits = [sink.handed[ids[j]] - committed[j] for j in range(warm, total) if ids[j] in sink.acked]
     result = {
         "events": total,
         "measured_events": len(latencies),
@@ -861,10 +904,13 @@ def measure_latency(
         "poll_interval_ms": round(sizes.poll_interval_seconds * 1000, 1),
         "shards": shards,
         "aggregate": aggregate,
+        "in_flight": in_flight,
         "unacknowledged_after_20s": missing,
         "publish_calls": len(sink.publish_seconds),
         "publish_call_p50_ms": round(percentile(sink.publish_seconds, 0.5) * 1000, 1),
         "publish_call_p99_ms": round(percentile(sink.publish_seconds, 0.99) * 1000, 1),
+        "handed_p50_ms": round(percentile(waits, 0.50) * 1000, 1),
+        "handed_p99_ms": round(percentile(waits, 0.99) * 1000, 1),
         "p50_ms": round(p50 * 1000, 1),
         "p99_ms": round(p99 * 1000, 1),
         "max_ms": round(max(latencies) * 1000, 1),

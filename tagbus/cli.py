@@ -267,7 +267,7 @@ def tailer(
             min=1,
             help="Batches published at once; one sharing a stream with a batch in flight waits for it.",
         ),
-    ] = 2,
+    ] = 1,
 ) -> None:
     """Run the log tailer (WAL → Kinesis) in the foreground; a second one waits as standby."""
     import logging

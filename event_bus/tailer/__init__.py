@@ -5,9 +5,9 @@ yields every committed insert into ``events`` in commit order. The tailer reads 
 of whole transactions from the slot's replication stream, publishes their events, and
 only then confirms the slot past them — so the slot never moves past an event Kinesis
 has not acknowledged, and a crash anywhere resends instead of losing (at-least-once;
-consumers apply by version). The relay loop keeps up to two batches in flight, so reading
-and decoding overlap Kinesis' answer; a batch that shares a stream (partition key) with one
-in flight waits for it, and the slot is confirmed in commit order.
+consumers apply by version). The relay loop can keep several batches in flight (one by
+default); a batch that shares a stream (partition key) with one in flight waits for it, and
+the slot is confirmed in commit order.
 
 Modules, one part each (this package re-exports their public names):
 

@@ -369,7 +369,8 @@ class GatedSink:
         with self._lock:
             self.calls.append([event.id for event in batch])
             self.gates.append(gate)
-        gate.wait(10)
+        if not gate.wait(10):
+            raise TimeoutError("the test never opened this publish's gate")
 
     def open_all(self) -> None:
         with self._lock:
@@ -385,7 +386,7 @@ def test_a_batch_of_other_streams_goes_out_while_one_is_in_flight_and_the_slot_w
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
     sink = GatedSink()
-    tailer = make_tailer(database_url, slot_name, sink, in_flight=2)
+    tailer = make_tailer(database_url, slot_name, sink, in_flight=3)  # room left: cycles do not wait
     tailers.append(tailer)
     try:
         tailer.try_activate()
@@ -430,6 +431,7 @@ def test_a_batch_sharing_a_stream_with_one_in_flight_waits_for_it(
         sink.gates[0].set()
         cycle.join(10)
         assert not cycle.is_alive()
+        wait_for(lambda: len(sink.calls) == 2)
         assert sink.calls == [["a1", "x1"], ["y1", "a2"]]
     finally:
         sink.open_all()
@@ -452,6 +454,8 @@ def test_a_full_window_waits_for_the_oldest_batch(database_url: str, slot_name: 
         assert len(sink.calls) == 2  # two in flight: the third batch waits
         sink.gates[0].set()
         cycle.join(10)
+        assert not cycle.is_alive()
+        wait_for(lambda: len(sink.calls) == 3)  # handed to a publisher thread, which calls the sink
         assert sink.calls == [["a1"], ["b1"], ["c1"]]
     finally:
         sink.open_all()
@@ -669,6 +673,61 @@ def test_tailer_with_partial_failures_keeps_per_stream_order(
     tailer.drain()
     assert set(client.accepted) == {f"acme/{s}" for s in versions}
     assert all(versions_in_order(accepted) for accepted in client.accepted.values())
+
+
+class OverlapCountingKinesis(FakeKinesis):
+    """A FakeKinesis whose calls take a few milliseconds and which notes how many ran at once."""
+
+    def __init__(self, script: Callable[[int, list[dict[str, Any]]], Any]) -> None:
+        super().__init__(script)
+        self.most_at_once = 0
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def put_records(self, *, Records: list[dict[str, Any]], StreamName: str) -> Mapping[str, Any]:
+        with self._lock:
+            self._running += 1
+            self.most_at_once = max(self.most_at_once, self._running)
+        try:
+            time.sleep(0.005)
+            with self._lock:  # the script's random draws and the call count stay consistent
+                return super().put_records(Records=Records, StreamName=StreamName)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+def test_the_relay_loop_with_batches_in_flight_keeps_per_stream_order_through_partial_failures(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    failures = random.Random(5)
+    client = OverlapCountingKinesis(
+        lambda call, records: {
+            i: "ProvisionedThroughputExceededException" for i in range(len(records)) if failures.random() < 0.25
+        }
+    )
+    tailer = make_tailer(database_url, slot_name, kinesis=client, publish_backoff_cap_seconds=0.001, in_flight=3)
+    tailers.append(tailer)
+    tailer.try_activate()
+    stop = threading.Event()
+    relay = threading.Thread(target=tailer.run, args=(stop,), daemon=True)
+    relay.start()
+    picks = random.Random(9)
+    versions: dict[str, int] = defaultdict(int)
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            for _ in range(400):
+                stream = picks.choice("pqrstuvwxyz")
+                versions[stream] += 1
+                insert_event(conn, f"{stream}{versions[stream]}", stream=stream, version=versions[stream])
+        wait_for(lambda: tailer.metrics.events_published._value.get() == 400, timeout=30)
+    finally:
+        stop.set()
+        relay.join(10)
+    assert client.most_at_once > 1  # batches really overlapped
+    assert set(client.accepted) == {f"acme/{s}" for s in versions}
+    assert all(versions_in_order(accepted) for accepted in client.accepted.values())
+    assert tailer.drain().events == 0  # the slot was confirmed past everything acknowledged
 
 
 # ------------------------------------------------------------------ heartbeat
