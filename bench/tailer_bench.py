@@ -1038,7 +1038,8 @@ def on_paper(decode: dict[str, Any], publish: list[dict[str, Any]]) -> dict[str,
         f"{target:,} events/s. Without aggregation each event is one record of ~{plain['bytes_per_event']} bytes, "
         f"so {target:,} events/s need {shards_plain} shards (the 1,000 records/s limit binds, not bytes: "
         f"{target * plain['bytes_per_event'] / 1e6:.1f} MB/s), and since one tailer keeps one PutRecords of 500 "
-        f"records in flight, each must return within {round_trip}. With aggregation "
+        f"records in flight by default, each must return within {round_trip} (TAGBUS_TAILER_IN_FLIGHT=2 "
+        f"doubles that for events spread over many streams). With aggregation "
         f"(~{packed['events_per_record']:,} events per record here; per shard and per read batch in production) "
         f"the record limit no longer binds: {target * packed['bytes_per_event'] / 1e6:.1f} MB/s needs "
         f"{shards_packed} shard(s) by bytes, and a 5 MiB request carries thousands of events, so round-trip "
@@ -1132,9 +1133,11 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             target += f" (offered past this endpoint's raw ceiling of {ceiling:,} events/s)"
         rows.append(
             (
-                f"commit → acked, {lat['shards']} shard(s) {mode}, {lat['achieved_rate_per_s']:,} events/s for "
-                f"{lat['events'] / lat['target_rate_per_s']:g} s (poll {lat['poll_interval_ms']} ms)",
-                f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms (max {lat['max_ms']}){missing}",
+                f"commit → acked, {lat['shards']} shard(s) {mode}, {lat['in_flight']} in flight, "
+                f"{lat['achieved_rate_per_s']:,} events/s for {lat['events'] / lat['target_rate_per_s']:g} s "
+                f"(poll {lat['poll_interval_ms']} ms)",
+                f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms (max {lat['max_ms']}){missing}; "
+                f"commit → handed to PutRecords p50 {lat['handed_p50_ms']} ms",
                 f"PutRecords call p50 {lat['publish_call_p50_ms']} ms, p99 {lat['publish_call_p99_ms']} ms",
                 "",
                 target,
@@ -1212,12 +1215,15 @@ def run(quick: bool, *, server_url: str | None = None, reports_dir: Path | None 
             prefix = f"bench-tailer-{run_id}"
             results["publish"] = measure_publish(url, backlog, sizes, client, prefix=prefix, shard_counts=(1, 4))
             results["latency"] = []
+            # (shards, aggregated, seconds, batches in flight): the tailer's default of one, and
+            # two once, the evidence for that default on this endpoint.
             runs = (
-                (1, True, sizes.latency_seconds),
-                (4, True, sizes.plain_latency_seconds),
-                (4, False, sizes.plain_latency_seconds),
+                (1, True, sizes.latency_seconds, DEFAULT_IN_FLIGHT),
+                (4, True, sizes.plain_latency_seconds, DEFAULT_IN_FLIGHT),
+                (4, True, sizes.plain_latency_seconds, 2),
+                (4, False, sizes.plain_latency_seconds, DEFAULT_IN_FLIGHT),
             )
-            for index, (shards, aggregate, seconds) in enumerate(runs):
+            for index, (shards, aggregate, seconds, in_flight) in enumerate(runs):
                 with fresh_stream(client, prefix, shards) as stream:
                     results["latency"].append(
                         measure_latency(
@@ -1229,6 +1235,7 @@ def run(quick: bool, *, server_url: str | None = None, reports_dir: Path | None 
                             aggregate=aggregate,
                             seconds=seconds,
                             first=LATENCY_FIRST * (index + 1),
+                            in_flight=in_flight,
                         )
                     )
     results["on_paper"] = on_paper(results["decode"], results["publish"])

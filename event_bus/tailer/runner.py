@@ -108,7 +108,7 @@ class LogTailer:
         self._stream = ReplicationStream(url, settings.slot_name, settings.publication)
         self._lock = TailerLock(url, key=lock_key)
         self._decoder = ChangeDecoder(table=table, metrics=self.metrics)
-        #: The keepalive position that ended the last live read, if one did (see run_once).
+        #: The keepalive position the last live read saw, if it saw one (see relay_cycle).
         self._idle_to: int | None = None
         # A batch ends at the first commit past either bound: memory is bounded by the
         # batch (and the largest transaction), whatever the backlog.
@@ -164,23 +164,18 @@ class LogTailer:
 
     # -- one cycle
 
-    def run_once(self, *, live: bool = False) -> CycleResult:
+    def run_once(self) -> CycleResult:
         """Read whole transactions from the slot, publish their events, then confirm the slot past them.
 
-        By default the cycle reads everything committed before it started (or a batch's
-        worth) and returns once the slot's confirmed_flush_lsn shows the confirmation.
-        ``live=True`` is the relay loop's cycle: it waits up to the poll interval for the
-        first change, takes what has arrived, and does not wait for the server to apply
-        the confirmation.
+        The cycle reads everything committed before it started (or a batch's worth) and
+        returns once the slot's confirmed_flush_lsn shows the confirmation: the cycle of
+        :meth:`drain`. The relay loop runs :meth:`relay_cycle` instead.
         """
         if not self.try_activate():
             raise LockUnavailableError("another tailer holds the lock")
         self._check_lock()
         try:
-            if live:
-                transactions = self._read_available(self.settings.poll_interval_seconds)
-            else:
-                transactions = self._read_until(self._reader.flushed_lsn())
+            transactions = self._read_until(self._reader.flushed_lsn())
             events = [event for transaction in transactions for event in transaction.events]
             if events:
                 with self._stream.kept_alive():
@@ -188,14 +183,6 @@ class LogTailer:
             advanced_to = transactions[-1].end_lsn if transactions else None
             if advanced_to is not None:
                 self._stream.confirm(advanced_to)
-            idle_to = self._idle_to if live else None
-            idle_advanced = False
-            if idle_to is not None and idle_to > self._stream.confirmed:
-                # The cycle read a keepalive: everything the server sent before its position is
-                # now published, so the slot may move there. A fast shutdown waits for this
-                # (a walsender exits only once its client confirmed all it sent).
-                self._stream.confirm(idle_to)
-                idle_advanced = True
         except BaseException:
             # What was read but not confirmed is read again from the slot: restart the stream.
             self._close_stream()
@@ -203,11 +190,9 @@ class LogTailer:
         if events:
             self._acknowledged(transactions, len(events), self._clock())
         if advanced_to is not None:
-            if not live and not self._reader.wait_confirmed(advanced_to):
+            if not self._reader.wait_confirmed(advanced_to):
                 LOG.warning("the server has not applied the slot confirmation to %s yet", format_lsn(advanced_to))
             self._advanced()
-        elif idle_advanced:
-            self.metrics.last_advance_time.set(self._clock())  # the slot moved, to the keepalive's position
         self._refresh_status()
         return CycleResult(
             transactions=len(transactions),
@@ -227,6 +212,12 @@ class LogTailer:
         confirmed in commit order, only past batches that were acknowledged along with every
         batch before them. A crash therefore resends at most the in-flight batches, as
         before. ``advanced_to`` is where this cycle's confirmations moved the slot.
+
+        The cycle waits up to the poll interval for the first change and takes what has
+        arrived. When it read a keepalive, everything the server sent before the keepalive's
+        position is in this batch or an earlier one, so the slot may move there once they are
+        acknowledged; a fast shutdown waits for that (a walsender exits only once its client
+        confirmed all it sent).
         """
         if not self.try_activate():
             raise LockUnavailableError("another tailer holds the lock")
