@@ -845,11 +845,25 @@ def _prepare_kinesis(cfg: StackConfig, data: Path) -> None:
     install.require_tool("node")
     install.install_kinesis_mock(cfg.root)
     data.mkdir(parents=True, exist_ok=True)
-    _set_aside_unreadable(data / "kinesis-data.json")
+    _mark_if_streams_start_empty(data / "kinesis-data.json")
 
 
-#: Left in the kinesis-mock data folder when its state was set aside (see lifecycle.up).
+#: Left in the kinesis-mock data folder when it starts with empty streams (see lifecycle.up).
 KINESIS_RESET_MARK = "streams-were-reset"
+
+
+def _mark_if_streams_start_empty(state: Path) -> None:
+    """Leave :data:`KINESIS_RESET_MARK` when kinesis-mock will start without a saved state.
+
+    That is a first start, a state set aside as unreadable, or a data folder removed by
+    hand while DynamoDB's was kept. In the last case the KCL's leases named sequence numbers
+    of the lost stream: the daemon took the shard for ended and consumed nothing for minutes,
+    until its lease cleanup and shard sync made a new lease. ``lifecycle.up`` drops those
+    lease tables before the consumer starts (on a first start there are none).
+    """
+    _set_aside_unreadable(state)
+    if not state.exists():
+        state.with_name(KINESIS_RESET_MARK).touch()
 
 
 def _set_aside_unreadable(state: Path) -> None:
@@ -866,8 +880,6 @@ def _set_aside_unreadable(state: Path) -> None:
     except (orjson.JSONDecodeError, OSError) as e:
         aside = state.with_name(f"{state.name}.unreadable-{int(time.time())}")
         state.rename(aside)
-        # The consumer's checkpoints name records of the lost streams: lifecycle.up drops them.
-        state.with_name(KINESIS_RESET_MARK).touch()
         print(
             f"tagbus: kinesis: its saved state was unreadable ({e}); moved to {aside.name}, "
             "starting with empty streams",

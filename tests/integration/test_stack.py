@@ -328,6 +328,26 @@ def test_a_part_not_healthy_in_time_names_its_hint(tmp_path: Path) -> None:
         stack.stop_part(cfg, spec)
 
 
+def test_kinesis_streams_starting_empty_are_marked_for_the_kcl_checkpoints_to_go(tmp_path: Path) -> None:
+    data = tmp_path / "kinesis-data"
+    data.mkdir()
+    state = data / "kinesis-data.json"
+    mark = data / stack.KINESIS_RESET_MARK
+
+    state.write_text('{"streams": {}}')
+    stack._mark_if_streams_start_empty(state)
+    assert not mark.exists()  # a readable saved state: the streams come back
+
+    state.write_text('{"streams": ')  # truncated by a kill
+    stack._mark_if_streams_start_empty(state)
+    assert mark.exists() and not state.exists()
+    assert [p.name.startswith("kinesis-data.json.unreadable-") for p in data.iterdir() if p != mark] == [True]
+
+    mark.unlink()
+    stack._mark_if_streams_start_empty(state)  # no saved state at all (removed by hand, or a first start)
+    assert mark.exists()
+
+
 def test_kinesis_hint_only_for_a_big_saved_state(tmp_path: Path) -> None:
     state = tmp_path / "kinesis-data" / "kinesis-data.json"
     assert stack.kinesis_reload_hint(state) is None  # no saved state
