@@ -50,6 +50,15 @@ class CycleResult:
     heartbeats: int
     advanced_to: int | None
 
+    @classmethod
+    def of(cls, transactions: list[DecodedTransaction], advanced_to: int | None) -> CycleResult:
+        return cls(
+            transactions=len(transactions),
+            events=_event_count(transactions),
+            heartbeats=sum(1 for t in transactions if t.heartbeat),
+            advanced_to=advanced_to,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class _InFlight:
@@ -188,18 +197,13 @@ class LogTailer:
             self._close_stream()
             raise
         if events:
-            self._acknowledged(transactions, len(events), self._clock())
+            self._acknowledged(transactions, self._clock())
         if advanced_to is not None:
             if not self._reader.wait_confirmed(advanced_to):
                 LOG.warning("the server has not applied the slot confirmation to %s yet", format_lsn(advanced_to))
             self._advanced()
         self._refresh_status()
-        return CycleResult(
-            transactions=len(transactions),
-            events=len(events),
-            heartbeats=sum(1 for t in transactions if t.heartbeat),
-            advanced_to=advanced_to,
-        )
+        return CycleResult.of(transactions, advanced_to)
 
     def relay_cycle(self) -> CycleResult:
         """One cycle of the relay loop: read what has arrived, hand it to the sink, confirm what is acknowledged.
@@ -250,12 +254,7 @@ class LogTailer:
             self._close_stream()
             raise
         self._refresh_status()
-        return CycleResult(
-            transactions=len(transactions),
-            events=len(events),
-            heartbeats=sum(1 for t in transactions if t.heartbeat),
-            advanced_to=advanced_to,
-        )
+        return CycleResult.of(transactions, advanced_to)
 
     def _submit(self, events: Sequence[StoredEvent]) -> Future[float]:
         if self._publishers is None:
@@ -278,7 +277,7 @@ class LogTailer:
                 if not block and not head.acked.done():
                     break
                 acked_at = self._acknowledgement(head.acked)
-                self._acknowledged(head.transactions, sum(len(t.events) for t in head.transactions), acked_at)
+                self._acknowledged(head.transactions, acked_at)
             self._in_flight.popleft()
             if head.confirm_to > self._stream.confirmed:
                 self._stream.confirm(head.confirm_to)
@@ -312,8 +311,8 @@ class LogTailer:
                     LOG.warning("a batch in flight failed too: %r", exc)
         self._in_flight.clear()
 
-    def _acknowledged(self, transactions: list[DecodedTransaction], events: int, acked_at: float) -> None:
-        self.metrics.events_published.inc(events)
+    def _acknowledged(self, transactions: list[DecodedTransaction], acked_at: float) -> None:
+        self.metrics.events_published.inc(_event_count(transactions))
         self.metrics.last_publish_time.set(acked_at)
         for transaction in transactions:
             if transaction.events:
@@ -520,6 +519,10 @@ class _Batch:
             return False
         self.transactions.append(completed)
         return self.changes >= self._max_changes or self.bytes >= self._max_bytes
+
+
+def _event_count(transactions: list[DecodedTransaction]) -> int:
+    return sum(len(t.events) for t in transactions)
 
 
 def _shares_a_key(keys: frozenset[str], in_flight: deque[_InFlight]) -> bool:

@@ -490,6 +490,13 @@ class FakeKinesis:
         return {"FailedRecordCount": len(failed_codes), "Records": results}
 
 
+def throttling_a_quarter(rng: random.Random) -> Callable[[int, list[dict[str, Any]]], dict[int, str]]:
+    """A FakeKinesis script refusing each record with probability 1/4, as throttled."""
+    return lambda call, records: {
+        i: "ProvisionedThroughputExceededException" for i in range(len(records)) if rng.random() < 0.25
+    }
+
+
 def versions_in_order(accepted: list[bytes]) -> bool:
     """The key's versions 1..n appear, in order, as a subsequence of what the shard accepted."""
     versions = [StoredEvent.from_record_data(data).version for data in accepted]
@@ -653,11 +660,7 @@ def test_tailer_with_partial_failures_keeps_per_stream_order(
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
     rng = random.Random(11)
-    client = FakeKinesis(
-        lambda call, records: {
-            i: "ProvisionedThroughputExceededException" for i in range(len(records)) if rng.random() < 0.25
-        }
-    )
+    client = FakeKinesis(throttling_a_quarter(rng))
     tailer = make_tailer(database_url, slot_name, kinesis=client, publish_backoff_cap_seconds=0.001)
     tailers.append(tailer)
     tailer.try_activate()
@@ -701,12 +704,7 @@ class OverlapCountingKinesis(FakeKinesis):
 def test_the_relay_loop_with_batches_in_flight_keeps_per_stream_order_through_partial_failures(
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
-    failures = random.Random(5)
-    client = OverlapCountingKinesis(
-        lambda call, records: {
-            i: "ProvisionedThroughputExceededException" for i in range(len(records)) if failures.random() < 0.25
-        }
-    )
+    client = OverlapCountingKinesis(throttling_a_quarter(random.Random(5)))
     tailer = make_tailer(database_url, slot_name, kinesis=client, publish_backoff_cap_seconds=0.001, in_flight=3)
     tailers.append(tailer)
     tailer.try_activate()
