@@ -72,6 +72,12 @@ class _InFlight:
     #: Resolves to the acknowledgement time; ``None`` when there was nothing to publish.
     acked: Future[float] | None
 
+    def merged_with(self, later: _InFlight) -> _InFlight:
+        """This marker (nothing to publish) followed by a later one, as one."""
+        return _InFlight(
+            self.transactions + later.transactions, frozenset(), max(self.confirm_to, later.confirm_to), None
+        )
+
 
 class LogTailer:
     """Relays committed events from the WAL to a sink, in commit order, at least once."""
@@ -232,7 +238,7 @@ class LogTailer:
             # Wait for a free place before reading, not after: a batch then takes everything
             # that arrived while the window was full (reading first and waiting with the
             # batch in hand left those to the batch after it, one more round trip).
-            while len(pending) >= self._in_flight_limit:
+            while _publishing(pending) >= self._in_flight_limit:
                 advanced_to = self._settle(block=True) or advanced_to
             wait = self.settings.poll_interval_seconds
             transactions = self._read_available(min(wait, _IN_FLIGHT_POLL_SECONDS) if pending else wait)
@@ -245,7 +251,12 @@ class LogTailer:
                 pending.append(_InFlight(transactions, keys, confirm_to, self._submit(events)))
             elif confirm_to > self._stream.confirmed:
                 # Heartbeats or a keepalive position: the slot may move there after what is in flight.
-                pending.append(_InFlight(transactions, frozenset(), confirm_to, None))
+                # Such a marker takes no place in the window, and markers in a row merge into one,
+                # so an idle stream behind a slow batch neither blocks reading nor grows the queue.
+                marker = _InFlight(transactions, frozenset(), confirm_to, None)
+                if pending and pending[-1].acked is None:
+                    marker = pending.pop().merged_with(marker)
+                pending.append(marker)
             advanced_to = self._settle(block=False) or advanced_to
         except BaseException as exc:
             # What was read but not confirmed is read again from the slot: restart the stream.
@@ -523,6 +534,11 @@ class _Batch:
 
 def _event_count(transactions: list[DecodedTransaction]) -> int:
     return sum(len(t.events) for t in transactions)
+
+
+def _publishing(in_flight: deque[_InFlight]) -> int:
+    """How many places of the window are taken: markers with nothing to publish take none."""
+    return sum(1 for batch in in_flight if batch.acked is not None)
 
 
 def _shares_a_key(keys: frozenset[str], in_flight: deque[_InFlight]) -> bool:

@@ -462,6 +462,38 @@ def test_a_full_window_waits_for_the_oldest_batch(database_url: str, slot_name: 
         sink.open_all()
 
 
+def test_heartbeats_behind_a_batch_in_flight_take_no_place_in_the_window(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    # CI once hung here: each idle cycle queued a marker, the markers filled the window,
+    # and the next cycle waited for a batch that the test had not acknowledged yet.
+    sink = GatedSink()
+    tailer = make_tailer(database_url, slot_name, sink, in_flight=2)
+    tailers.append(tailer)
+    try:
+        tailer.try_activate()
+        tailer.relay_cycle()
+        start = confirmed_flush(database_url, slot_name)
+        commit_events(database_url, [("a1", "a", 1)])
+        cycle_until(tailer, lambda: len(sink.calls) == 1)
+        for _ in range(3):  # each read in a cycle of its own: three markers behind a1
+            tailer.emit_heartbeat()
+            wait_for(lambda: tailer.relay_cycle().heartbeats == 1)
+
+        commit_events(database_url, [("b1", "b", 1)])
+        cycle = threading.Thread(target=cycle_until, args=(tailer, lambda: len(sink.calls) == 2))
+        cycle.start()
+        cycle.join(5)
+        assert not cycle.is_alive() and sink.calls == [["a1"], ["b1"]]  # a place was free for b1
+        assert confirmed_flush(database_url, slot_name) == start  # a1 still holds the slot back
+
+        sink.open_all()
+        cycle_until(tailer, lambda: tailer.metrics.events_published._value.get() == 2)
+        assert tailer.drain().events == 0  # everything confirmed, the heartbeats too
+    finally:
+        sink.open_all()
+
+
 # ------------------------------------------------------------------ Kinesis partial failures
 
 
