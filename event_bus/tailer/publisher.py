@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import logging
 import random
@@ -148,11 +149,22 @@ class KinesisPublisher:
         self._jitter = jitter
 
     def publish(self, batch: Sequence[StoredEvent]) -> None:
-        # Size every record before sending any, so an oversize event stops the tailer
-        # before later events of its stream could overtake it.
+        self.prepare(batch)()
+
+    def prepare(self, batch: Sequence[StoredEvent]) -> Callable[[], None]:
+        """Size, serialize and (with ``aggregate``) pack ``batch`` now; the call returned sends it.
+
+        The relay loop prepares the next batch of a backlog while Kinesis still answers the
+        one before, and sends it once that is acknowledged. Every record is sized before any
+        is sent, so an oversize event stops the tailer before later events of its stream
+        could overtake it.
+        """
         entries = [self._entry(event) for event in batch]
         if self._aggregate:
             entries = self._aggregated(entries)
+        return functools.partial(self._send, entries)
+
+    def _send(self, entries: list[_Entry]) -> None:
         for request in self._requests(entries):
             self._put_until_acknowledged(request)
 

@@ -7,7 +7,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -15,7 +15,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from event_bus.envelope import StoredEvent
 from event_bus.gc_tuning import quiet_collector
 from event_bus.pgoutput import format_lsn
 from event_bus.settings import TailerSettings
@@ -23,7 +22,7 @@ from event_bus.tailer.decoder import ChangeDecoder, DecodedTransaction
 from event_bus.tailer.errors import DatabaseUnavailableError, LockUnavailableError, PublishInterruptedError
 from event_bus.tailer.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, TailerMetrics, start_metrics_server
 from event_bus.tailer.publisher import KinesisClient, KinesisPublisher
-from event_bus.tailer.sink import RecordSink
+from event_bus.tailer.sink import RecordSink, prepared_publish
 from event_bus.tailer.slot import ADVISORY_LOCK_KEY, SlotReader, SlotStatus, TailerLock, libpq_url, mask_database_url
 from event_bus.tailer.stream import Keepalive, ReplicationStream
 
@@ -58,6 +57,19 @@ class CycleResult:
             heartbeats=sum(1 for t in transactions if t.heartbeat),
             advanced_to=advanced_to,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """A batch read and decoded, its records prepared: what a cycle hands to a publisher."""
+
+    transactions: list[DecodedTransaction]
+    #: The partition keys of its events.
+    keys: frozenset[str]
+    #: Where the slot may move once it is acknowledged (past heartbeats and keepalives too).
+    confirm_to: int
+    #: Sends the prepared records; ``None`` when there is nothing to publish.
+    send: Callable[[], None] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +154,10 @@ class LogTailer:
         self._in_flight_limit = max(1, in_flight)
         self._in_flight: deque[_InFlight] = deque()
         self._publishers: ThreadPoolExecutor | None = None
+        #: Whether the last live read filled a batch: a backlog, so the next one is ready to read.
+        self._backlogged = False
+        #: The next batch of a backlog, read and prepared while the window was full.
+        self._read_ahead: _Ready | None = None
 
     # -- lifecycle
 
@@ -190,6 +206,12 @@ class LogTailer:
             raise LockUnavailableError("another tailer holds the lock")
         self._check_lock()
         try:
+            # After relay cycles (tests and benches mix them): settle what they left in flight,
+            # and read a batch they read ahead again, so the slot never moves past either.
+            while self._in_flight:
+                self._settle(block=True)
+            if self._read_ahead is not None:
+                self._close_stream()
             transactions = self._read_until(self._reader.flushed_lsn())
             events = [event for transaction in transactions for event in transaction.events]
             if events:
@@ -200,6 +222,7 @@ class LogTailer:
                 self._stream.confirm(advanced_to)
         except BaseException:
             # What was read but not confirmed is read again from the slot: restart the stream.
+            self._abandon_in_flight()
             self._close_stream()
             raise
         if events:
@@ -223,6 +246,12 @@ class LogTailer:
         batch before them. A crash therefore resends at most the in-flight batches, as
         before. ``advanced_to`` is where this cycle's confirmations moved the slot.
 
+        When the window is full and the last read filled a batch (a backlog), the cycle reads,
+        decodes and prepares the next batch while Kinesis answers, and sends it once a place
+        frees: the tailer's own CPU then overlaps the calls instead of adding to them. A cycle
+        that is not behind waits for the free place first, so its batch takes everything that
+        arrived meanwhile.
+
         The cycle waits up to the poll interval for the first change and takes what has
         arrived. When it read a keepalive, everything the server sent before the keepalive's
         position is in this batch or an earlier one, so the slot may move there once they are
@@ -235,25 +264,27 @@ class LogTailer:
         pending = self._in_flight
         try:
             advanced_to = self._settle(block=False)
-            # Wait for a free place before reading, not after: a batch then takes everything
-            # that arrived while the window was full (reading first and waiting with the
-            # batch in hand left those to the batch after it, one more round trip).
+            if _publishing(pending) >= self._in_flight_limit and self._backlogged and self._read_ahead is None:
+                self._read_ahead = self._ready(self._read_available(0.0))
+            # Otherwise wait for a free place before reading, not after: a batch then takes
+            # everything that arrived while the window was full (reading first and waiting
+            # with the batch in hand left those to the batch after it, one more round trip).
             while _publishing(pending) >= self._in_flight_limit:
                 advanced_to = self._settle(block=True) or advanced_to
-            wait = self.settings.poll_interval_seconds
-            transactions = self._read_available(min(wait, _IN_FLIGHT_POLL_SECONDS) if pending else wait)
-            events = [event for transaction in transactions for event in transaction.events]
-            confirm_to = max(transactions[-1].end_lsn if transactions else 0, self._idle_to or 0)
-            if events:
-                keys = frozenset(event.partition_key for event in events)
-                while pending and _shares_a_key(keys, pending):
+            ready, self._read_ahead = self._read_ahead, None
+            if ready is None:
+                wait = self.settings.poll_interval_seconds
+                ready = self._ready(self._read_available(min(wait, _IN_FLIGHT_POLL_SECONDS) if pending else wait))
+            transactions = ready.transactions
+            if ready.send is not None:
+                while pending and _shares_a_key(ready.keys, pending):
                     advanced_to = self._settle(block=True) or advanced_to
-                pending.append(_InFlight(transactions, keys, confirm_to, self._submit(events)))
-            elif confirm_to > self._stream.confirmed:
+                pending.append(_InFlight(transactions, ready.keys, ready.confirm_to, self._submit(ready.send)))
+            elif ready.confirm_to > self._stream.confirmed:
                 # Heartbeats or a keepalive position: the slot may move there after what is in flight.
                 # Such a marker takes no place in the window, and markers in a row merge into one,
                 # so an idle stream behind a slow batch neither blocks reading nor grows the queue.
-                marker = _InFlight(transactions, frozenset(), confirm_to, None)
+                marker = _InFlight(transactions, frozenset(), ready.confirm_to, None)
                 if pending and pending[-1].acked is None:
                     marker = pending.pop().merged_with(marker)
                 pending.append(marker)
@@ -267,13 +298,22 @@ class LogTailer:
         self._refresh_status()
         return CycleResult.of(transactions, advanced_to)
 
-    def _submit(self, events: Sequence[StoredEvent]) -> Future[float]:
+    def _ready(self, transactions: list[DecodedTransaction]) -> _Ready:
+        """``transactions`` with their records prepared (an oversize event is raised here)."""
+        events = [event for transaction in transactions for event in transaction.events]
+        confirm_to = max(transactions[-1].end_lsn if transactions else 0, self._idle_to or 0)
+        if not events:
+            return _Ready(transactions, frozenset(), confirm_to, None)
+        keys = frozenset(event.partition_key for event in events)
+        return _Ready(transactions, keys, confirm_to, prepared_publish(self.sink, events))
+
+    def _submit(self, send: Callable[[], None]) -> Future[float]:
         if self._publishers is None:
             self._publishers = ThreadPoolExecutor(self._in_flight_limit, thread_name_prefix="tagbus-tailer-publish")
-        return self._publishers.submit(self._publish_now, events)
+        return self._publishers.submit(self._publish_now, send)
 
-    def _publish_now(self, events: Sequence[StoredEvent]) -> float:
-        self.sink.publish(events)
+    def _publish_now(self, send: Callable[[], None]) -> float:
+        send()
         return self._clock()
 
     def _settle(self, *, block: bool) -> int | None:
@@ -365,6 +405,7 @@ class LogTailer:
         decoder = self._decoder
         timeout = wait
         self._idle_to = None
+        self._backlogged = False
         while True:
             message = stream.read(timeout)
             if isinstance(message, Keepalive):
@@ -386,6 +427,7 @@ class LogTailer:
                 return batch.transactions
             if type(message) is bytes:
                 if batch.add(message, decoder.feed(message)):
+                    self._backlogged = True
                     return batch.transactions
                 # Once changes arrive, take only what is already here, or the rest of an
                 # open transaction (the server is still sending it).
@@ -400,6 +442,8 @@ class LogTailer:
     def _close_stream(self) -> None:
         self._stream.close()
         self._decoder.reset()
+        self._read_ahead = None  # read again from the slot with the rest
+        self._backlogged = False
 
     def drain(self, *, max_cycles: int = 1_000_000) -> CycleResult:
         """Run cycles until the slot has nothing more; the totals."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from event_bus.envelope import StoredEvent
@@ -12,6 +13,19 @@ class RecordSink(Protocol):
     """Where decoded events go. ``publish`` returns only once every event is acknowledged."""
 
     def publish(self, batch: Sequence[StoredEvent]) -> None: ...
+
+
+def prepared_publish(sink: RecordSink, batch: Sequence[StoredEvent]) -> Callable[[], None]:
+    """The publish of ``batch``, with what the sink can do ahead of sending done now.
+
+    A sink with ``prepare(batch)`` (the Kinesis publisher: serialize, size, aggregate)
+    does that work at once and returns the call that sends; any other sink's whole
+    ``publish`` runs when the call is made.
+    """
+    prepare: Callable[[Sequence[StoredEvent]], Callable[[], None]] | None = getattr(sink, "prepare", None)
+    if prepare is None:
+        return functools.partial(sink.publish, batch)
+    return prepare(batch)
 
 
 class NullSink:

@@ -364,17 +364,22 @@ class GatedSink:
         self.calls: list[list[str]] = []
         self.gates: list[threading.Event] = []
         self._lock = threading.Lock()
+        self._all_open = False
 
     def publish(self, batch: Sequence[StoredEvent]) -> None:
         gate = threading.Event()
         with self._lock:
             self.calls.append([event.id for event in batch])
             self.gates.append(gate)
+            if self._all_open:
+                gate.set()
         if not gate.wait(10):
             raise TimeoutError("the test never opened this publish's gate")
 
     def open_all(self) -> None:
+        """Open every gate, and those of later publishes too."""
         with self._lock:
+            self._all_open = True
             for gate in self.gates:
                 gate.set()
 
@@ -492,6 +497,100 @@ def test_heartbeats_behind_a_batch_in_flight_take_no_place_in_the_window(
         assert tailer.drain().events == 0  # everything confirmed, the heartbeats too
     finally:
         sink.open_all()
+
+
+class PreparingSink(GatedSink):
+    """A GatedSink that prepares batches ahead, as the Kinesis publisher does; can fail the first send."""
+
+    def __init__(self, *, fail_first_send: bool = False) -> None:
+        super().__init__()
+        self.prepared: list[list[str]] = []
+        self._fail_first_send = fail_first_send
+
+    def prepare(self, batch: Sequence[StoredEvent]) -> Callable[[], None]:
+        self.prepared.append([event.id for event in batch])
+        return lambda: self._send(batch)
+
+    def _send(self, batch: Sequence[StoredEvent]) -> None:
+        self.publish(batch)
+        if self._fail_first_send:
+            self._fail_first_send = False
+            raise RuntimeError("rejected")
+
+
+def backlog_tailer(database_url: str, slot_name: str, sink: PreparingSink) -> LogTailer:
+    """A tailer reading two single-event transactions per batch, one batch in flight, over six committed."""
+    tailer = make_tailer(database_url, slot_name, sink, read_batch=6, max_read_batch=6, in_flight=1)
+    tailer.try_activate()
+    tailer.relay_cycle()
+    commit_events(database_url, *[[(f"{stream}1", stream, 1)] for stream in "abcdef"])
+    wait_until_sent(database_url, slot_name)  # so that the first read finds a full batch
+    cycle_until(tailer, lambda: len(sink.calls) == 1)
+    return tailer
+
+
+def wait_until_sent(url: str, slot: str) -> None:
+    """Wait until the slot's walsender has sent the tailer everything committed so far."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        committed = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+        query = """
+            SELECT r.sent_lsn >= %s FROM pg_stat_replication r
+            JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s
+        """
+        wait_for(
+            lambda: bool((conn.execute(query, (committed[0] if committed else None, slot)).fetchone() or [False])[0])
+        )
+
+
+def test_a_backlog_prepares_the_next_batch_while_one_is_in_flight_and_sends_it_after(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    sink = PreparingSink()
+    tailer = backlog_tailer(database_url, slot_name, sink)
+    tailers.append(tailer)
+    try:
+        assert sink.calls == [["a1", "b1"]]  # a full batch: a backlog
+        cycle = threading.Thread(target=tailer.relay_cycle)
+        cycle.start()
+        wait_for(lambda: len(sink.prepared) == 2)
+        time.sleep(0.3)
+        assert sink.prepared == [["a1", "b1"], ["c1", "d1"]]  # read and prepared meanwhile ...
+        assert sink.calls == [["a1", "b1"]]  # ... but not sent before the batch in flight is acknowledged
+        sink.gates[0].set()
+        cycle.join(10)
+        assert not cycle.is_alive()
+        wait_for(lambda: len(sink.calls) == 2)
+        assert sink.calls[1] == ["c1", "d1"]
+    finally:
+        sink.open_all()
+
+
+def test_a_batch_read_ahead_is_read_again_when_the_batch_before_it_fails(
+    database_url: str, slot_name: str, tailers: list[LogTailer]
+) -> None:
+    sink = PreparingSink(fail_first_send=True)
+    tailer = backlog_tailer(database_url, slot_name, sink)
+    tailers.append(tailer)
+    failed: list[BaseException] = []
+
+    def cycle_failing() -> None:
+        try:
+            tailer.relay_cycle()
+        except RuntimeError as exc:
+            failed.append(exc)
+
+    cycle = threading.Thread(target=cycle_failing)
+    cycle.start()
+    wait_for(lambda: len(sink.prepared) == 2)  # c1, d1 read ahead
+    sink.gates[0].set()  # a1, b1 rejected
+    cycle.join(10)
+    assert not cycle.is_alive() and len(failed) == 1
+
+    sink.open_all()
+    cycle_until(tailer, lambda: sum(map(len, sink.calls[1:])) >= 6)
+    sent = [event for call in sink.calls[1:] for event in call]
+    assert sent == ["a1", "b1", "c1", "d1", "e1", "f1"]  # from the slot again, in order, nothing skipped
+    assert tailer.drain().events == 0
 
 
 # ------------------------------------------------------------------ Kinesis partial failures
@@ -747,12 +846,14 @@ def test_the_relay_loop_with_batches_in_flight_keeps_per_stream_order_through_pa
     versions: dict[str, int] = defaultdict(int)
     try:
         with psycopg.connect(database_url, autocommit=True) as conn:
-            for _ in range(400):
-                # Over 100 streams, consecutive batches seldom share one, so they overlap; each
-                # stream still gets about 4 versions to keep in order.
-                stream = f"s{picks.randrange(100)}"
-                versions[stream] += 1
-                insert_event(conn, f"{stream}{versions[stream]}", stream=stream, version=versions[stream])
+            for _ in range(4):
+                # Each round writes to the 100 streams once, in a new order, paced so that a
+                # batch holds a few events: batches in flight seldom share a stream and so
+                # overlap, while each stream gets 4 versions to keep in order.
+                for stream in picks.sample([f"s{n}" for n in range(100)], 100):
+                    versions[stream] += 1
+                    insert_event(conn, f"{stream}{versions[stream]}", stream=stream, version=versions[stream])
+                    time.sleep(0.002)
         wait_for(lambda: tailer.metrics.events_published._value.get() == 400, timeout=30)
     finally:
         stop.set()
