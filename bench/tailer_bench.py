@@ -98,6 +98,8 @@ TARGET_NULL_SINK_PER_S = 50_000
 TARGET_PUBLISH_RATIO = 0.90
 TARGET_P99_SECONDS = 0.100
 TARGET_PER_TAILER_PER_S = 10_000
+#: The fixed call time of the read-ahead comparison: a large PutRecords to a remote Kinesis.
+READ_AHEAD_CALL_SECONDS = 0.03
 #: Real Kinesis, per shard, for writes.
 SHARD_BYTES_PER_S = 1_000_000
 SHARD_RECORDS_PER_S = 1_000
@@ -577,6 +579,37 @@ class InstantKinesis:
         return self._ids[max(0, bisect.bisect_right(self._starts, int(key)) - 1)]
 
 
+class FixedDelayKinesis(InstantKinesis):
+    """An :class:`InstantKinesis` whose calls each take ``delay`` seconds, answered in parallel.
+
+    A stand-in for a remote Kinesis: the call's time is spent elsewhere, so the tailer's own
+    CPU can overlap it (kinesis-mock instead spends this machine's cores on each call).
+    """
+
+    def __init__(self, shards: Sequence[dict[str, Any]], delay: float) -> None:
+        super().__init__(shards)
+        self._delay = delay
+
+    def put_records(self, **request: Any) -> dict[str, Any]:
+        time.sleep(self._delay)
+        return super().put_records(**request)
+
+
+def even_shards(count: int) -> list[dict[str, Any]]:
+    """``ListShards`` entries of a stream split evenly into ``count`` shards."""
+    width = 2**128 // count
+    return [
+        {
+            "ShardId": f"shardId-{index:012d}",
+            "HashKeyRange": {
+                "StartingHashKey": str(index * width),
+                "EndingHashKey": str(2**128 - 1 if index == count - 1 else (index + 1) * width - 1),
+            },
+        }
+        for index in range(count)
+    ]
+
+
 def record_bytes(record: dict[str, Any]) -> int:
     return len(record["Data"]) + len(str(record["PartitionKey"]).encode())
 
@@ -749,6 +782,47 @@ def measure_publish(
                     f" {row['raw_runs_events_per_s']} ({row['raw_records_per_s']:,} records/s)"
                 )
                 out.append(row)
+    return out
+
+
+def measure_read_ahead(url: str, backlog: Backlog, sizes: Sizes) -> list[dict[str, Any]]:
+    """The relay loop with and without read-ahead into an endpoint answering in a fixed time.
+
+    Alternating rounds over the ``small`` backlog, 4 shards, plain and aggregated: what
+    preparing the next batch while a call is in flight buys when the call's time is not
+    spent on this machine.
+    """
+    out: list[dict[str, Any]] = []
+    events = sizes.small
+    with psycopg.connect(url, autocommit=True) as admin:
+        for aggregate in (False, True):
+            seconds: dict[bool, list[float]] = {True: [], False: []}
+            for round_ in range(sizes.publish_rounds):
+                for read_ahead in (True, False) if round_ % 2 == 0 else (False, True):
+                    with slot_copy(admin, backlog.small_slot) as slot:
+                        registry = CollectorRegistry()
+                        client = FixedDelayKinesis(even_shards(4), READ_AHEAD_CALL_SECONDS)
+                        settings = tailer_settings(url, slot, sizes, stream="fixed-delay")
+                        with LogTailer(
+                            settings, client, aggregate=aggregate, read_ahead=read_ahead, registry=registry
+                        ) as tailer:
+                            if not tailer.try_activate():
+                                raise RuntimeError("another tailer holds the bench database's lock")
+                            seconds[read_ahead].append(relay_all(tailer, registry, events))
+            on, off = (events / statistics.mean(seconds[flag]) for flag in (True, False))
+            row = {
+                "aggregate": aggregate,
+                "events": events,
+                "call_ms": READ_AHEAD_CALL_SECONDS * 1000,
+                "read_ahead_events_per_s": round(on),
+                "without_events_per_s": round(off),
+                "ratio": round(on / off, 3),
+            }
+            print(
+                f"  read-ahead, {'aggregated' if aggregate else 'plain'}, calls of {row['call_ms']:g} ms:"
+                f" {on:,.0f} vs {off:,.0f} events/s without"
+            )
+            out.append(row)
     return out
 
 
@@ -1120,6 +1194,18 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 f">= 0.90: {_ok(p['meets_target'])}",
             )
         )
+    for a in r["read_ahead"]:
+        mode = "aggregated" if a["aggregate"] else "plain"
+        rows.append(
+            (
+                f"relay loop into an endpoint answering each call in {a['call_ms']:g} ms, 4 shards {mode}:"
+                f" next batch prepared during the call ({a['events']:,} events)",
+                f"{a['read_ahead_events_per_s']:,} events/s",
+                f"{a['without_events_per_s']:,} events/s: the same loop, read-ahead off",
+                f"{a['ratio']:.2f}",
+                "",
+            )
+        )
     for p in r["publish"]:
         if p["shards"] == r["publish"][-1]["shards"]:
             mode = "aggregated" if p["aggregate"] else "plain"
@@ -1226,6 +1312,7 @@ def run(quick: bool, *, server_url: str | None = None, reports_dir: Path | None 
         results["machine"]["postgresql"] = version
         results["decode"] = measure_decode(url, backlog, sizes)
         results["memory"] = measure_memory(url, backlog, sizes)
+        results["read_ahead"] = measure_read_ahead(url, backlog, sizes)
         run_id = uuid.uuid4().hex[:6]
         with KinesisMock(f"bench-tailer-{run_id}-1", shards=1) as mock:
             client = mock.client()

@@ -113,6 +113,7 @@ class LogTailer:
         publish_backoff_cap_seconds: float = 5.0,
         aggregate: bool = False,
         in_flight: int = DEFAULT_IN_FLIGHT,
+        read_ahead: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -156,8 +157,9 @@ class LogTailer:
         self._publishers: ThreadPoolExecutor | None = None
         #: Whether the last live read filled a batch: a backlog, so the next one is ready to read.
         self._backlogged = False
-        #: The next batch of a backlog, read and prepared while the window was full.
+        #: The next batch of a backlog, read and prepared while the window was full (``read_ahead``).
         self._read_ahead: _Ready | None = None
+        self._read_ahead_enabled = read_ahead
 
     # -- lifecycle
 
@@ -264,7 +266,8 @@ class LogTailer:
         pending = self._in_flight
         try:
             advanced_to = self._settle(block=False)
-            if _publishing(pending) >= self._in_flight_limit and self._backlogged and self._read_ahead is None:
+            behind = self._backlogged and self._read_ahead_enabled
+            if behind and self._read_ahead is None and _publishing(pending) >= self._in_flight_limit:
                 self._read_ahead = self._ready(self._read_available(0.0))
             # Otherwise wait for a free place before reading, not after: a batch then takes
             # everything that arrived while the window was full (reading first and waiting
