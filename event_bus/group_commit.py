@@ -42,6 +42,7 @@ from event_bus.store import (
     find_existing,
     insert_params,
     no_partition,
+    repeat_result,
     write_new,
 )
 from event_bus.validation import NewEvent
@@ -289,13 +290,11 @@ class GroupCommitter:
 
 
 def _settle_repeat(pending: _Pending, found: TupleRow) -> None:
-    """Answer an id stored already (``found``: a :func:`find_existing` row): its original result if the
-    content matches, else a conflict."""
-    e = pending.event
-    if found[5] != e.digest:
-        pending.settle(IdConflict(0, e.id))
-    else:
-        pending.settle(AppendResult(e.id, e.tenant, found[2], found[3], found[4], False))
+    """Answer an id stored already (``found``: a :func:`find_existing` row) as :func:`repeat_result` does."""
+    try:
+        pending.settle(repeat_result(0, pending.event, found[2:6]))
+    except IdConflict as conflict:
+        pending.settle(conflict)
 
 
 def _statement(event: NewEvent) -> tuple[sql.Composed, tuple[Any, ...]]:

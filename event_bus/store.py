@@ -258,15 +258,25 @@ async def _append_one(conn: psycopg.AsyncConnection[Any], index: int, event: New
     cur = await conn.execute(SELECT_KEY, (event.tenant, event.id))
     existing = await cur.fetchone()
     if existing is not None:
-        stream, version, recorded_at, digest = existing
-        if digest != event.digest:
-            raise IdConflict(index, event.id)
-        return AppendResult(event.id, event.tenant, stream, version, recorded_at, created=False)
+        return repeat_result(index, event, existing)
     version = await _next_version(conn, index, event)
     cur = await conn.execute(INSERT_EVENT, _with_version(insert_params(event), version))
     row = await cur.fetchone()
     assert row is not None
     return AppendResult(event.id, event.tenant, event.stream, version, row[0], created=True)
+
+
+def repeat_result(index: int, event: NewEvent, stored: Sequence[Any]) -> AppendResult:
+    """The answer to an id stored already: its original result if the content matches.
+
+    ``stored`` is (stream, version, recorded_at, digest) of the stored event. Different
+    content under the same id raises :class:`IdConflict` (``index``: the event's place in
+    its request).
+    """
+    stream, version, recorded_at, digest = stored
+    if digest != event.digest:
+        raise IdConflict(index, event.id)
+    return AppendResult(event.id, event.tenant, stream, version, recorded_at, created=False)
 
 
 async def _next_version(conn: psycopg.AsyncConnection[Any], index: int, event: NewEvent) -> int:

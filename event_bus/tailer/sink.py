@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -33,6 +34,8 @@ class NullSink:
 
     def __init__(self) -> None:
         self.count = 0
+        self._lock = threading.Lock()  # the relay loop may publish from several threads
 
     def publish(self, batch: Sequence[StoredEvent]) -> None:
-        self.count += len(batch)
+        with self._lock:
+            self.count += len(batch)
