@@ -1323,6 +1323,11 @@ def run(quick: bool, *, server_url: str | None = None, reports_dir: Path | None 
             prefix = f"bench-tailer-{run_id}"
             results["publish"] = measure_publish(url, backlog, sizes, client, prefix=prefix, shard_counts=(1, 4))
             results["latency"] = []
+            # Flush what the backlog and the publish runs dirtied now, not in a timed checkpoint
+            # (5 min after the load) in the middle of a latency run: twice today such a run saw
+            # its own commits late by seconds, which no isolated rerun reproduced.
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CHECKPOINT")
             # (shards, aggregated, seconds, batches in flight): the tailer's default of one, and
             # two once, the evidence for that default on this endpoint.
             runs = (
