@@ -15,13 +15,15 @@
    it, batches in flight included) publishing the last N events of the backlog into a
    private kinesis-mock (streams of 1 and 4 shards, without and with KPL aggregation) versus
    raw ``PutRecords`` of the very same records (500 records / 5 MiB a request, one client,
-   one request at a time) before and after it. The same publisher against an in-process endpoint that acknowledges
-   at once gives its CPU cost, used by the on-paper sizing for real Kinesis.
+   one request at a time), raw and tailer runs alternating, compared by median time. The
+   same publisher against an in-process endpoint that acknowledges at once gives its CPU
+   cost, used by the on-paper sizing for real Kinesis; against one that answers each call in
+   a fixed 30 ms, the relay loop runs with and without read-ahead.
 3. **latency**: commit → Kinesis-acknowledged, single-event transactions committed at a
    steady 1,000 events/s by paced inserters while ``LogTailer.run()`` relays them; measured
    from the moment each commit returned to the moment ``PutRecords`` acknowledged it.
-4. **memory**: peak RSS (``VmHWM``) of a process draining the full backlog and one tenth
-   of it, with a null sink.
+4. **memory**: peak RSS (``VmHWM``) of a process whose relay loop publishes the full
+   backlog and one tenth of it, aggregated, into an endpoint answering each call in 5 ms.
 
 Usage: ``python -m bench.tailer_bench [--quick] [--database-url URL]`` or ``python -m bench
 --only tailer_bench``. The database ``tagbus_bench_tailer`` is (re)created on the server and
@@ -100,6 +102,8 @@ TARGET_P99_SECONDS = 0.100
 TARGET_PER_TAILER_PER_S = 10_000
 #: The fixed call time of the read-ahead comparison: a large PutRecords to a remote Kinesis.
 READ_AHEAD_CALL_SECONDS = 0.03
+#: The call time of the memory comparison's endpoint: long enough that batches are read ahead.
+MEMORY_CALL_SECONDS = 0.005
 #: Real Kinesis, per shard, for writes.
 SHARD_BYTES_PER_S = 1_000_000
 SHARD_RECORDS_PER_S = 1_000
@@ -589,13 +593,17 @@ class FixedDelayKinesis(InstantKinesis):
     CPU can overlap it (kinesis-mock instead spends this machine's cores on each call).
     """
 
-    def __init__(self, shards: Sequence[dict[str, Any]], delay: float) -> None:
+    def __init__(self, shards: Sequence[dict[str, Any]], delay: float, *, keep: bool = True) -> None:
         super().__init__(shards)
         self._delay = delay
+        self._keep = keep
 
     def put_records(self, **request: Any) -> dict[str, Any]:
         time.sleep(self._delay)
-        return super().put_records(**request)
+        response = super().put_records(**request)
+        if not self._keep:
+            self.records.clear()  # the memory comparison: nothing may grow with the backlog here
+        return response
 
 
 def even_shards(count: int) -> list[dict[str, Any]]:
@@ -1034,25 +1042,31 @@ def proc_status_kb(pid: int | str, field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
-def rss_child(slot: str, read_batch: int) -> None:
-    """The subprocess side of :func:`measure_memory`: drain ``slot`` with a null sink, print one JSON line."""
+def rss_child(slot: str, read_batch: int, events: int) -> None:
+    """The subprocess side of :func:`measure_memory`: relay ``slot``'s ``events``, print one JSON line.
+
+    The relay loop runs as in the tailer process, aggregating into an endpoint that answers
+    each call in 5 ms and keeps nothing: a batch in flight and the next one read ahead are
+    what the tailer holds.
+    """
     url = os.environ[CHILD_URL_ENV]
-    sink = NullSink()
+    client = FixedDelayKinesis(even_shards(4), MEMORY_CALL_SECONDS, keep=False)
     settings = TailerSettings(database_url=url, slot_name=slot, publication=PUBLICATION, read_batch=read_batch)
-    with LogTailer(settings, None, sink=sink, registry=CollectorRegistry()) as tailer:
+    registry = CollectorRegistry()
+    with LogTailer(settings, client, aggregate=True, registry=registry) as tailer:
         if not tailer.try_activate():
             raise RuntimeError("another tailer holds the bench database's lock")
         before = proc_status_kb("self", "VmHWM")
-        started = time.perf_counter()
-        result = tailer.drain()
-        seconds = time.perf_counter() - started
+        seconds = relay_all(tailer, registry, events)
+        published = registry.get_sample_value("tagbus_tailer_events_published_total") or 0
     after = proc_status_kb("self", "VmHWM")
-    print(json.dumps({"events": result.events, "seconds": seconds, "hwm_before_kb": before, "hwm_after_kb": after}))
+    print(json.dumps({"events": int(published), "seconds": seconds, "hwm_before_kb": before, "hwm_after_kb": after}))
 
 
-def drain_in_subprocess(url: str, slot: str, sizes: Sizes, timeout: float = 600.0) -> dict[str, Any]:
+def relay_in_subprocess(url: str, slot: str, events: int, sizes: Sizes, timeout: float = 600.0) -> dict[str, Any]:
     """Run :func:`rss_child` and sample its ``VmRSS`` every 20 ms meanwhile."""
     command = [sys.executable, "-m", "bench.tailer_bench", "--rss-child", slot, "--read-batch", str(sizes.read_batch)]
+    command += ["--events", str(events)]
     env = {**os.environ, CHILD_URL_ENV: url}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE)
     sampled = 0
@@ -1061,13 +1075,13 @@ def drain_in_subprocess(url: str, slot: str, sizes: Sizes, timeout: float = 600.
         if time.monotonic() > deadline:
             process.kill()
             process.wait()
-            raise RuntimeError(f"memory drain of {slot} did not finish in {timeout}s")
+            raise RuntimeError(f"memory relay of {slot} did not finish in {timeout}s")
         with contextlib.suppress(OSError, RuntimeError):
             sampled = max(sampled, proc_status_kb(process.pid, "VmRSS"))
         time.sleep(0.02)
     output = process.stdout.read().decode() if process.stdout else ""
     if process.returncode != 0:
-        raise RuntimeError(f"memory drain of {slot} exited with {process.returncode}")
+        raise RuntimeError(f"memory relay of {slot} exited with {process.returncode}")
     report: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
     report["sampled_max_rss_kb"] = sampled
     return report
@@ -1081,9 +1095,9 @@ def measure_memory(url: str, backlog: Backlog, sizes: Sizes) -> dict[str, Any]:
             ("full", backlog.full_slot, sizes.backlog),
         ):
             with slot_copy(admin, source) as slot:
-                report = drain_in_subprocess(url, slot, sizes)
+                report = relay_in_subprocess(url, slot, events, sizes)
             if report["events"] != events:
-                raise RuntimeError(f"memory drain saw {report['events']} events, expected {events}")
+                raise RuntimeError(f"memory relay published {report['events']} events, expected {events}")
             out[label] = {
                 "events": events,
                 "baseline_mib": round(report["hwm_before_kb"] / 1024, 1),
@@ -1253,9 +1267,9 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     small, full = m["small"], m["full"]
     rows.append(
         (
-            f"tailer peak RSS, drain of {small['events']:,} vs {full['events']:,} backlog",
+            f"tailer peak RSS, relay loop (aggregated, 5 ms calls), {small['events']:,} vs {full['events']:,} backlog",
             f"{small['peak_mib']} vs {full['peak_mib']} MiB",
-            f"baseline before drain {full['baseline_mib']} MiB",
+            f"baseline before the relay {full['baseline_mib']} MiB",
             f"{m['peak_ratio_full_to_small']:.2f} (backlog ×{m['backlog_ratio']:g})",
             f"flat (<= 1.5×): {_ok(m['meets_target'])}",
         )
@@ -1391,9 +1405,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default=os.environ.get("TAGBUS_BENCH_DATABASE_URL"))
     parser.add_argument("--rss-child", metavar="SLOT", help=argparse.SUPPRESS)
     parser.add_argument("--read-batch", type=int, default=FULL.read_batch, help=argparse.SUPPRESS)
+    parser.add_argument("--events", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
-        rss_child(args.rss_child, args.read_batch)
+        rss_child(args.rss_child, args.read_batch, args.events)
         return 0
     from bench.__main__ import server_url
 
