@@ -717,6 +717,15 @@ def relay_all(tailer: LogTailer, registry: CollectorRegistry, events: int, timeo
         thread.join(60)
 
 
+def relay_slot(settings: TailerSettings, client: Any, events: int, **options: Any) -> tuple[float, CollectorRegistry]:
+    """A fresh tailer's relay loop over ``settings``' slot until ``events`` are acknowledged; seconds, metrics."""
+    registry = CollectorRegistry()
+    with LogTailer(settings, client, registry=registry, **options) as tailer:
+        if not tailer.try_activate():
+            raise RuntimeError("another tailer holds the bench database's lock")
+        return relay_all(tailer, registry, events), registry
+
+
 def measure_publish(
     url: str, backlog: Backlog, sizes: Sizes, client: Any, *, prefix: str, shard_counts: Sequence[int]
 ) -> list[dict[str, Any]]:
@@ -749,12 +758,9 @@ def measure_publish(
                 sent = retries = 0.0
                 for _ in range(sizes.aggregated_publish_rounds if aggregate else sizes.publish_rounds):
                     with slot_copy(admin, backlog.publish_slot) as slot, fresh_stream(client, prefix, shards) as stream:
-                        registry = CollectorRegistry()
                         settings = tailer_settings(url, slot, sizes, stream=stream)
-                        with LogTailer(settings, client, aggregate=aggregate, registry=registry) as tailer:
-                            if not tailer.try_activate():
-                                raise RuntimeError("another tailer holds the bench database's lock")
-                            tailer_runs.append(relay_all(tailer, registry, len(events)))
+                        run_seconds, registry = relay_slot(settings, client, len(events), aggregate=aggregate)
+                        tailer_runs.append(run_seconds)
                         sent += registry.get_sample_value("tagbus_tailer_putrecords_batch_size_sum") or 0.0
                         retries += sum(
                             s.value
@@ -811,15 +817,12 @@ def measure_read_ahead(url: str, backlog: Backlog, sizes: Sizes) -> list[dict[st
             for round_ in range(sizes.publish_rounds):
                 for read_ahead in (True, False) if round_ % 2 == 0 else (False, True):
                     with slot_copy(admin, backlog.small_slot) as slot:
-                        registry = CollectorRegistry()
                         client = FixedDelayKinesis(even_shards(4), READ_AHEAD_CALL_SECONDS)
                         settings = tailer_settings(url, slot, sizes, stream="fixed-delay")
-                        with LogTailer(
-                            settings, client, aggregate=aggregate, read_ahead=read_ahead, registry=registry
-                        ) as tailer:
-                            if not tailer.try_activate():
-                                raise RuntimeError("another tailer holds the bench database's lock")
-                            seconds[read_ahead].append(relay_all(tailer, registry, events))
+                        run_seconds, _ = relay_slot(
+                            settings, client, events, aggregate=aggregate, read_ahead=read_ahead
+                        )
+                        seconds[read_ahead].append(run_seconds)
             on, off = (events / statistics.mean(seconds[flag]) for flag in (True, False))
             row = {
                 "aggregate": aggregate,
