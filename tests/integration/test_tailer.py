@@ -388,15 +388,23 @@ def cycle_until(tailer: LogTailer, condition: Callable[[], bool]) -> None:
     wait_for(lambda: tailer.relay_cycle() is not None and condition())
 
 
+def started_tailer(
+    database_url: str, slot_name: str, sink: GatedSink, tailers: list[LogTailer], **knobs: Any
+) -> LogTailer:
+    """A tailer over ``sink``, closed after the test, active, its stream started and idle."""
+    tailer = make_tailer(database_url, slot_name, sink, **knobs)
+    tailers.append(tailer)
+    tailer.try_activate()
+    tailer.relay_cycle()
+    return tailer
+
+
 def test_a_batch_of_other_streams_goes_out_while_one_is_in_flight_and_the_slot_waits_for_both(
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
     sink = GatedSink()
-    tailer = make_tailer(database_url, slot_name, sink, in_flight=3)  # room left: cycles do not wait
-    tailers.append(tailer)
+    tailer = started_tailer(database_url, slot_name, sink, tailers, in_flight=3)  # room left: cycles do not wait
     try:
-        tailer.try_activate()
-        tailer.relay_cycle()  # the stream is started and idle
         start = confirmed_flush(database_url, slot_name)
         commit_events(database_url, [("a1", "a", 1)])
         cycle_until(tailer, lambda: len(sink.calls) == 1)
@@ -422,11 +430,8 @@ def test_a_batch_sharing_a_stream_with_one_in_flight_waits_for_it(
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
     sink = GatedSink()
-    tailer = make_tailer(database_url, slot_name, sink, in_flight=3)
-    tailers.append(tailer)
+    tailer = started_tailer(database_url, slot_name, sink, tailers, in_flight=3)
     try:
-        tailer.try_activate()
-        tailer.relay_cycle()
         commit_events(database_url, [("a1", "a", 1), ("x1", "x", 1)])
         cycle_until(tailer, lambda: len(sink.calls) == 1)
         commit_events(database_url, [("y1", "y", 1), ("a2", "a", 2)])
@@ -445,11 +450,8 @@ def test_a_batch_sharing_a_stream_with_one_in_flight_waits_for_it(
 
 def test_a_full_window_waits_for_the_oldest_batch(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
     sink = GatedSink()
-    tailer = make_tailer(database_url, slot_name, sink, in_flight=2)
-    tailers.append(tailer)
+    tailer = started_tailer(database_url, slot_name, sink, tailers, in_flight=2)
     try:
-        tailer.try_activate()
-        tailer.relay_cycle()
         for n, stream in enumerate("abc"):
             commit_events(database_url, [(f"{stream}1", stream, 1)])
             if n < 2:
@@ -473,11 +475,8 @@ def test_heartbeats_behind_a_batch_in_flight_take_no_place_in_the_window(
     # CI once hung here: each idle cycle queued a marker, the markers filled the window,
     # and the next cycle waited for a batch that the test had not acknowledged yet.
     sink = GatedSink()
-    tailer = make_tailer(database_url, slot_name, sink, in_flight=2)
-    tailers.append(tailer)
+    tailer = started_tailer(database_url, slot_name, sink, tailers, in_flight=2)
     try:
-        tailer.try_activate()
-        tailer.relay_cycle()
         start = confirmed_flush(database_url, slot_name)
         commit_events(database_url, [("a1", "a", 1)])
         cycle_until(tailer, lambda: len(sink.calls) == 1)
@@ -518,11 +517,9 @@ class PreparingSink(GatedSink):
             raise RuntimeError("rejected")
 
 
-def backlog_tailer(database_url: str, slot_name: str, sink: PreparingSink) -> LogTailer:
+def backlog_tailer(database_url: str, slot_name: str, sink: PreparingSink, tailers: list[LogTailer]) -> LogTailer:
     """A tailer reading two single-event transactions per batch, one batch in flight, over six committed."""
-    tailer = make_tailer(database_url, slot_name, sink, read_batch=6, max_read_batch=6, in_flight=1)
-    tailer.try_activate()
-    tailer.relay_cycle()
+    tailer = started_tailer(database_url, slot_name, sink, tailers, read_batch=6, max_read_batch=6, in_flight=1)
     commit_events(database_url, *[[(f"{stream}1", stream, 1)] for stream in "abcdef"])
     wait_until_sent(database_url, slot_name)  # so that the first read finds a full batch
     cycle_until(tailer, lambda: len(sink.calls) == 1)
@@ -546,8 +543,7 @@ def test_a_backlog_prepares_the_next_batch_while_one_is_in_flight_and_sends_it_a
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
     sink = PreparingSink()
-    tailer = backlog_tailer(database_url, slot_name, sink)
-    tailers.append(tailer)
+    tailer = backlog_tailer(database_url, slot_name, sink, tailers)
     try:
         assert sink.calls == [["a1", "b1"]]  # a full batch: a backlog
         cycle = threading.Thread(target=tailer.relay_cycle)
@@ -569,8 +565,7 @@ def test_a_batch_read_ahead_is_read_again_when_the_batch_before_it_fails(
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
     sink = PreparingSink(fail_first_send=True)
-    tailer = backlog_tailer(database_url, slot_name, sink)
-    tailers.append(tailer)
+    tailer = backlog_tailer(database_url, slot_name, sink, tailers)
     failed: list[BaseException] = []
 
     def cycle_failing() -> None:
