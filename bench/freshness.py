@@ -35,7 +35,7 @@ import orjson
 
 from bench import BenchOptions
 from consumers.stages import STAGE_INTERVAL, STAGES, parse_stage_line
-from event_bus.auth import issue_dev_token
+from kernel.auth import issue_dev_token
 from tagbus import lifecycle
 from tagbus import settings as settings_mod
 

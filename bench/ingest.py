@@ -102,7 +102,8 @@ class BusSpec:
 def create_bench_app() -> Any:
     """Factory for uvicorn/granian ``--factory``: the bus with the settings in ``TAGBUS_BENCH_BUS``."""
     from event_bus.app import create_app
-    from event_bus.settings import AuthSettings, BusSettings, TierQuota
+    from event_bus.settings import BusSettings, TierQuota
+    from kernel.auth import AuthSettings
 
     spec = BusSpec(**json.loads(os.environ[ENV_SPEC]))
     tiers = {
@@ -122,7 +123,7 @@ def create_bench_app() -> Any:
 
 
 def token(tenant: str, tier: str) -> str:
-    from event_bus.auth import issue_dev_token
+    from kernel.auth import issue_dev_token
 
     return issue_dev_token(SECRET, tenant=tenant, tier=tier, scope="events:write", ttl_seconds=7200, now=time.time())
 

@@ -43,7 +43,7 @@ from psycopg import sql
 from bench import REPO_ROOT, BenchOptions
 from consumers.deadletters import MemoryDeadLetterSink
 from consumers.processor import ConfigProjectionProcessor
-from event_bus.envelope import CONFIG_SET, StoredEvent
+from kernel.envelope import CONFIG_SET, StoredEvent
 from projections.replay import ReplayRunner
 from projections.router import TagRouter
 from projections.stores.dynamodb import DynamoDBConfigStore

@@ -60,20 +60,20 @@ from prometheus_client import CollectorRegistry
 from psycopg import sql
 
 from bench import BenchOptions
-from event_bus.envelope import StoredEvent
-from event_bus.gc_tuning import quiet_collector
-from event_bus.settings import TailerSettings
-from event_bus.tailer import ChangeDecoder, KinesisPublisher, LogTailer, NullSink, SlotReader, TailerMetrics
-from event_bus.tailer.runner import DEFAULT_IN_FLIGHT
-from event_bus.tailer.stream import ReplicationStream
+from kernel.envelope import StoredEvent
+from kernel.gc_tuning import quiet_collector
 from tagbus.install import find_postgres_bindir
+from tailer import ChangeDecoder, KinesisPublisher, LogTailer, NullSink, SlotReader, TailerMetrics
+from tailer.runner import DEFAULT_IN_FLIGHT
+from tailer.settings import TailerSettings
+from tailer.stream import ReplicationStream
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 BENCH_DB = "tagbus_bench_tailer"
 SLOT_PREFIX = "bench_tailer_"
 PUBLICATION = "tagbus_events"
-#: The same options as :meth:`event_bus.tailer.SlotReader.peek`, whole backlog in one call.
+#: The same options as :meth:`tailer.SlotReader.peek`, whole backlog in one call.
 #: Bounded by the WAL position taken after loading, as ``pg_recvlogical`` is: the streamed
 #: reference counts this many messages, and an unbounded peek once counted a transaction
 #: committed later that the stream had not reached.

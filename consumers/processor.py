@@ -60,8 +60,8 @@ from amazon_kclpy.v3.processor import RecordProcessorBase
 
 from consumers.deadletters import UNKNOWN_TENANT, DeadLetter, DeadLetterSink, DynamoDBDeadLetterSink
 from consumers.stages import STAGE_INTERVAL, BatchTimes, StageRecorder
-from event_bus.envelope import StoredEvent
-from event_bus.gc_tuning import quiet_collector
+from kernel.envelope import StoredEvent
+from kernel.gc_tuning import quiet_collector
 from projections.errors import ProjectionError, StoreError, StoreMisconfigured
 from projections.router import BatchResult, EventOutcome, TagRouter
 from projections.stores.dynamodb import DynamoDBConfigStore

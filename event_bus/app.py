@@ -26,8 +26,6 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from event_bus.admission import Admission, InFlightLimit
-from event_bus.auth import Principal, TokenVerifier
-from event_bus.gc_tuning import quiet_collector
 from event_bus.group_commit import GroupCommitter
 from event_bus.logs import AccessLog, request_id
 from event_bus.partitions import PartitionKeeper
@@ -36,6 +34,7 @@ from event_bus.problems import (
     FieldError,
     Problem,
     conflict,
+    from_auth,
     invalid,
     not_found,
     request_timeout,
@@ -54,6 +53,8 @@ from event_bus.validation import (
     parse_config_key,
     parse_event,
 )
+from kernel.auth import AuthError, Principal, TokenVerifier
+from kernel.gc_tuning import quiet_collector
 
 log = logging.getLogger("tagbus.bus")
 
@@ -500,13 +501,16 @@ def create_app(
 
     async def authorize(request: Request, scope: str) -> Principal:
         authorization = request.headers.get("authorization")
-        if verifier.may_block():
-            principal = await anyio.to_thread.run_sync(verifier.verify, authorization)
-        else:
-            principal = verifier.verify(authorization)
-        request.state.tier = principal.tier
-        request.state.tenant = principal.tenant
-        principal.require(scope)
+        try:
+            if verifier.may_block():
+                principal = await anyio.to_thread.run_sync(verifier.verify, authorization)
+            else:
+                principal = verifier.verify(authorization)
+            request.state.tier = principal.tier
+            request.state.tenant = principal.tenant
+            principal.require(scope)
+        except AuthError as e:
+            raise from_auth(e) from e
         return principal
 
     async def read_json(request: Request, allowed: tuple[str, ...], limit: int) -> Any:

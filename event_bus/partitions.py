@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from event_bus.schema import PARTITION_PREFIX
+from kernel.schema import PARTITION_PREFIX
 
 log = logging.getLogger("tagbus.partitions")
 

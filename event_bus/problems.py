@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kernel.auth import AuthError, KeysUnavailable, PermissionDenied
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 _TYPE_BASE = "https://tagbus.dev/problems/"
 
@@ -88,6 +90,15 @@ def unsupported_media_type(detail: str) -> Problem:
 
 def invalid(errors: Sequence[FieldError], detail: str = "The event envelope is invalid") -> Problem:
     return Problem(422, "invalid-event", "Invalid event", detail, errors=errors)
+
+
+def from_auth(error: AuthError) -> Problem:
+    """The HTTP problem of a refused caller (the kernel's verifier knows no HTTP)."""
+    if isinstance(error, PermissionDenied):
+        return forbidden(error.detail)
+    if isinstance(error, KeysUnavailable):
+        return unavailable(error.detail, retry_after=error.retry_after or 1)
+    return unauthorized(error.detail)
 
 
 def unavailable(detail: str, retry_after: int = 1) -> Problem:

@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from event_bus.auth import Principal
 from event_bus.problems import Problem, too_large
 from event_bus.settings import TierQuota
+from kernel.auth import Principal
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""Settings objects of the event bus and the log tailer.
+"""Settings objects of the event bus.
 
 They are plain frozen dataclasses: the composition root (``tagbus.settings``) reads the
 environment once and builds them; nothing in ``event_bus`` reads the environment.
@@ -7,6 +7,8 @@ environment once and builds them; nothing in ``event_bus`` reads the environment
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from kernel.auth import AuthSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,17 +25,6 @@ def default_tiers() -> dict[str, TierQuota]:
         "premium": TierQuota(events_per_second=1_000.0, burst=2_000),
         "enterprise": TierQuota(events_per_second=None, burst=0),
     }
-
-
-@dataclass(frozen=True, slots=True)
-class AuthSettings:
-    """How bearer tokens are verified."""
-
-    jwt_secret: str | None = None
-    jwks_url: str | None = None
-    issuer: str | None = None
-    audience: str | None = None
-    leeway_seconds: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,18 +51,3 @@ class BusSettings:
     max_event_bytes: int = 1_048_576
     max_batch_events: int = 500
     max_batch_bytes: int = 5 * 1_048_576
-
-
-@dataclass(frozen=True, slots=True)
-class TailerSettings:
-    """Settings of the log tailer (WAL → Kinesis relay)."""
-
-    database_url: str
-    stream_name: str = "tagbus-events"
-    slot_name: str = "tagbus_tailer"
-    publication: str = "tagbus_events"
-    #: Largest number of WAL changes read per slot peek.
-    read_batch: int = 2_000
-    #: Idle wait between peeks when the slot had nothing new.
-    poll_interval_seconds: float = 0.02
-    heartbeat_seconds: float = 10.0

@@ -34,8 +34,9 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from event_bus.envelope import StoredEvent
 from event_bus.validation import NewEvent
+from kernel.envelope import StoredEvent
+from kernel.schema import stored_event
 
 # The key row gives the event's primary key, so the join reads one partition's index.
 SELECT_EVENT = (
@@ -379,28 +380,3 @@ def insert_params(event: NewEvent) -> tuple[Any, ...]:
 
 def _with_version(params: tuple[Any, ...], version: int) -> tuple[Any, ...]:
     return (*params[:3], version, *params[3:])
-
-
-def stored_event(row: TupleRow | Sequence[Any]) -> StoredEvent:
-    """A stored event from a row whose first columns are those of ``SELECT_EVENT``.
-
-    ``data`` comes as text (``data::text``): decoded jsonb gives ``None`` for both SQL NULL
-    (no payload) and JSON null (a null payload), which the envelope tells apart.
-    """
-    metadata = dict(row[10] or {})
-    data = orjson.loads(row[9]) if row[9] is not None else None
-    return StoredEvent(
-        id=row[0],
-        tenant=row[1],
-        stream=row[2],
-        version=row[3],
-        type=row[4],
-        source=row[5],
-        subject=row[6],
-        time=row[7],
-        recorded_at=row[8],
-        data=data,
-        datacontenttype=metadata.pop("datacontenttype", None),
-        metadata=metadata,
-        null_data=row[9] is not None and data is None,
-    )

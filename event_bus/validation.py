@@ -16,12 +16,13 @@ from typing import Any
 
 import orjson
 
-from event_bus.auth import Principal
-from event_bus.envelope import CONFIG_DELETED, CONFIG_SET, CONFIG_TYPES, SPECVERSION
 from event_bus.problems import FieldError, Problem, bad_json, forbidden, invalid, too_large
+from kernel.auth import Principal
+from kernel.envelope import CONFIG_DELETED, CONFIG_SET, CONFIG_TYPES, SPECVERSION
+from kernel.keys import MAX_KEY_CHARS, may_prefix_key, split_key
 
 MAX_ID_CHARS = 128
-MAX_STREAM_CHARS = 512
+MAX_STREAM_CHARS = MAX_KEY_CHARS
 #: The bus keeps an event well under Kinesis's 1 MiB record limit so that the record's
 #: added fields (version, recordedat, position, tenant and stream) always fit.
 MAX_EVENT_BYTES = 1_048_576 - 8_192
@@ -38,9 +39,6 @@ _OURS = {"tenantid", "streamid", "expectedversion", "correlationid", "causationi
 _ASSIGNED = {"version", "recordedat", "position"}
 # Used with ``fullmatch``: ``$`` would also match before a trailing newline ("a\n").
 _EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
-_PATH_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
-# What may follow ``<tag>:`` in a prefix of some valid key: whole segments, then part of one.
-_PATH_PREFIX = re.compile(r"([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]*")
 _SOURCE = re.compile(r"\S+")
 # Ids and streams are addressed by URL paths (``GET /v1/events/{id}``, where a newline cannot
 # be routed), echoed in ``Location`` headers and logged: no C0/C1 control characters.
@@ -252,29 +250,12 @@ def parse_event(
 
 def parse_config_key(key: str, tags: Collection[str]) -> tuple[str, str]:
     """Split ``<tag>:<path>``; raise ``ValueError`` with a one-line reason if invalid."""
-    if len(key) > MAX_STREAM_CHARS:
-        # The key is the event's stream; the read models' key limits lie above this one
-        # (DynamoDB: a sort key of 1,024 bytes), so a key they would refuse is refused here.
-        raise ValueError(f"a config key is at most {MAX_STREAM_CHARS} characters")
-    tag, sep, path = key.partition(":")
-    if not sep or not tag:
-        raise ValueError("a config key is '<tag>:<path>'")
-    if tag not in tags:
-        raise ValueError(f"unknown tag {tag!r}; registered: {', '.join(sorted(tags))}")
-    segments = path.split("/")
-    if not path or not all(_PATH_SEGMENT.fullmatch(s) for s in segments):
-        raise ValueError("the path is '/'-separated segments of letters, digits, '_', '.' and '-'")
-    return tag, path
+    return split_key(key, tags)
 
 
 def may_prefix_config_key(prefix: str, tags: Collection[str]) -> bool:
     """Whether some valid config key starts with ``prefix`` (else a listing is empty as is)."""
-    if len(prefix) > MAX_STREAM_CHARS:
-        return False
-    tag, sep, path = prefix.partition(":")
-    if not sep:
-        return any(t.startswith(tag) for t in tags)
-    return tag in tags and _PATH_PREFIX.fullmatch(path) is not None
+    return may_prefix_key(prefix, tags)
 
 
 def _config_key(event_type: str, data: object, tags: Collection[str], err: Any) -> str | None:

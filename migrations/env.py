@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from event_bus.schema import metadata
+from kernel.schema import metadata
 
 config = context.config
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from event_bus.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
+from kernel import keys
+from kernel.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
 from projections.errors import InvalidConfigEvent, InvalidConfigKey
-
-_TAG = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -22,14 +19,9 @@ class ConfigKey:
     path: str
 
     def __post_init__(self) -> None:
-        if not _TAG.fullmatch(self.tag):
-            raise InvalidConfigKey(f"{self.tag}:{self.path}", f"tag {self.tag!r} is not [A-Za-z][A-Za-z0-9_-]*")
-        for segment in self.path.split("/"):
-            if not _SEGMENT.fullmatch(segment):
-                raise InvalidConfigKey(
-                    f"{self.tag}:{self.path}",
-                    "path must be '/'-separated non-empty segments of [A-Za-z0-9_.-]",
-                )
+        reason = keys.tag_problem(self.tag) or keys.path_problem(self.path)
+        if reason:
+            raise InvalidConfigKey(f"{self.tag}:{self.path}", reason)
 
     @classmethod
     def parse(cls, key: str) -> ConfigKey:

@@ -76,7 +76,7 @@ import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
 from psycopg import sql
 
-from event_bus.envelope import CONFIG_TYPES, StoredEvent
+from kernel.envelope import CONFIG_TYPES, StoredEvent
 from projections.errors import ProjectionError, StoreError
 from projections.model import ConfigChange
 from projections.router import TagRouter

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from event_bus.envelope import StoredEvent
+from kernel.envelope import StoredEvent
 from projections.errors import InvalidConfigKey, ProjectionError, UnknownTag
 from projections.model import ConfigChange, ConfigItem, ConfigKey
 from projections.stores.base import ConfigPage, ConfigStore, Outcome

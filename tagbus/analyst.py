@@ -37,8 +37,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.table import Table
 
-from event_bus.tailer import libpq_url
 from tagbus.settings import Settings
+from tailer import libpq_url
 
 ANALYST_ROLE = "tagbus_analyst"
 TENANT_ANALYST_ROLE = "tagbus_tenant_analyst"

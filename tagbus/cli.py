@@ -51,7 +51,7 @@ def _secret(s: Settings) -> str:
 def _dev_token(
     s: Settings, tenant: str, tier: str = "enterprise", scope: str = "events:write events:read config:read"
 ) -> str:
-    from event_bus.auth import issue_dev_token
+    from kernel.auth import issue_dev_token
 
     return issue_dev_token(
         _secret(s),
@@ -89,7 +89,7 @@ def token(
     ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
 ) -> None:
     """Print a development HS256 token (and nothing else) on stdout."""
-    from event_bus.auth import TIERS, issue_dev_token
+    from kernel.auth import TIERS, issue_dev_token
 
     if tier not in TIERS:
         raise CliError(f"--tier must be one of {', '.join(TIERS)}")
@@ -274,8 +274,8 @@ def tailer(
     import signal
     import threading
 
-    from event_bus.tailer import run_tailer
     from tagbus import aws
+    from tailer import run_tailer
 
     s = _settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -304,9 +304,9 @@ def republish(
     """Re-publish a range of the events table to Kinesis, each stream in version order."""
     from datetime import UTC, datetime
 
-    from event_bus.republish import republish as run_republish
-    from event_bus.tailer import KinesisPublisher, TailerError
     from tagbus import aws
+    from tailer import KinesisPublisher, TailerError
+    from tailer.republish import republish as run_republish
 
     try:
         moment = datetime.fromisoformat(since)

@@ -11,7 +11,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from event_bus.auth import issue_dev_token
+from kernel.auth import issue_dev_token
 from tagbus.settings import Settings
 
 DEMO_CONFIG: dict[str, dict[str, Any]] = {

@@ -9,9 +9,9 @@ from alembic import command
 from alembic.config import Config
 
 from event_bus import partitions
-from event_bus.tailer import SlotReader
 from tagbus import aws, stack
 from tagbus.settings import REPO, Settings, load
+from tailer import SlotReader
 
 
 def migrate(settings: Settings, revision: str = "head") -> bool:

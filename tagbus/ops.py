@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from consumers.deadletters import DeadLetter, DynamoDBDeadLetterSink
-from event_bus.envelope import StoredEvent
+from kernel.envelope import StoredEvent
 from projections.replay import ProgressCallback, ReplayRunner, ReplaySummary
 from projections.router import EventOutcome, TagRouter
 from tagbus import aws, compose

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from event_bus.settings import AuthSettings, BusSettings, TailerSettings
+from event_bus.settings import BusSettings
+from kernel.auth import AuthSettings
+from tailer.settings import TailerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_DATABASE_URL = "postgresql://tagbus:tagbus@127.0.0.1:55432/tagbus"

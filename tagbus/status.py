@@ -8,9 +8,9 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from event_bus.tailer import slot_status
 from tagbus import aws
 from tagbus.settings import Settings
+from tailer import slot_status
 
 _DEADLETTER_TABLE = "tagbus-deadletters"
 

@@ -25,9 +25,10 @@ import httpx
 import pytest
 
 from event_bus.app import create_app
-from event_bus.envelope import StoredEvent
 from event_bus.server import ServerSettings
-from event_bus.settings import AuthSettings, BusSettings
+from event_bus.settings import BusSettings
+from kernel.auth import AuthSettings
+from kernel.envelope import StoredEvent
 from projections.router import TagRouter
 from projections.stores.memory import MemoryConfigStore
 from tagbus.compose import RouterConfigReader

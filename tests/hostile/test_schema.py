@@ -24,7 +24,8 @@ from schemathesis.specs.openapi.checks import (
 from starlette.routing import Route
 
 from event_bus.app import create_app
-from event_bus.settings import AuthSettings, BusSettings
+from event_bus.settings import BusSettings
+from kernel.auth import AuthSettings
 from tests.fixtures.bus import SECRET, TAGS
 from tests.hostile.conftest import HostileBus, HostileTally
 

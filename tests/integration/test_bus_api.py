@@ -13,8 +13,8 @@ import jwt
 import psycopg
 
 from event_bus.app import create_app
-from event_bus.auth import issue_dev_token
 from event_bus.settings import BusSettings
+from kernel.auth import issue_dev_token
 from tests.fixtures.bus import SECRET, TAGS, RunningBus, _free_port, serve
 
 

@@ -21,8 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from event_bus.settings import AuthSettings, BusSettings
+from event_bus.settings import BusSettings
 from event_bus.validation import MAX_INT, MIN_INT
+from kernel.auth import AuthSettings
 from tests.fixtures.bus import SECRET, TAGS, RunningBus, running_bus
 from tests.fixtures.postgres_cluster import cloned_database
 

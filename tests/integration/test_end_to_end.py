@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
-from event_bus.auth import issue_dev_token
-from event_bus.envelope import CONFIG_SET, StoredEvent
-from event_bus.tailer import KinesisPublisher
+from kernel.auth import issue_dev_token
+from kernel.envelope import CONFIG_SET, StoredEvent
 from tagbus import aws, lifecycle, stack
 from tagbus import settings as settings_mod
+from tailer import KinesisPublisher
 
 pytestmark = pytest.mark.stack
 

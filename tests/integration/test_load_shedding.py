@@ -14,8 +14,9 @@ import psycopg
 import pytest
 
 from event_bus.app import create_app
-from event_bus.settings import AuthSettings, BusSettings
+from event_bus.settings import BusSettings
 from event_bus.store import EventStore
+from kernel.auth import AuthSettings
 from tests.fixtures.bus import SECRET, TAGS, RunningBus, _free_port, running_bus, serve
 from tests.fixtures.postgres_cluster import free_port
 

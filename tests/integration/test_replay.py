@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from botocore.exceptions import ClientError
 
-from event_bus.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
+from kernel.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
 from projections.model import ConfigKey
 from projections.replay import ReplayProgress, ReplayRunner
 from projections.router import TagRouter

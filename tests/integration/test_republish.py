@@ -18,10 +18,10 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from event_bus.envelope import StoredEvent
-from event_bus.republish import republish
-from event_bus.settings import TailerSettings
-from event_bus.tailer import KinesisPublisher, LogTailer, TailerMetrics
+from kernel.envelope import StoredEvent
+from tailer import KinesisPublisher, LogTailer, TailerMetrics
+from tailer.republish import republish
+from tailer.settings import TailerSettings
 from tests.fixtures.kinesis import versions_on_stream
 
 # Start of the current month: the events table is partitioned by month, and migrations make

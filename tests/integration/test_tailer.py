@@ -20,10 +20,8 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from event_bus.envelope import StoredEvent
-from event_bus.pgoutput import format_lsn, parse_lsn
-from event_bus.settings import TailerSettings
-from event_bus.tailer import (
+from kernel.envelope import StoredEvent
+from tailer import (
     DatabaseUnavailableError,
     KinesisPublisher,
     KinesisRejectedError,
@@ -37,6 +35,8 @@ from event_bus.tailer import (
     mask_database_url,
     slot_status,
 )
+from tailer.pgoutput import format_lsn, parse_lsn
+from tailer.settings import TailerSettings
 from tests.fixtures.kinesis import versions_on_stream
 from tests.fixtures.postgres_cluster import ClusterUnavailableError, TemporaryCluster, apply_migrations
 

@@ -1,7 +1,7 @@
 """The tailer as a real process under faults: kill -9 mid-batch, and Kinesis stopped while events keep coming.
 
 Real PostgreSQL (a database of the test's own) and a kinesis-mock process of the test's
-own (never the shared stack's), the tailer a subprocess of :func:`event_bus.tailer.run_tailer`.
+own (never the shared stack's), the tailer a subprocess of :func:`tailer.run_tailer`.
 
 The outage lasts ``TAGBUS_FAULT_OUTAGE_SECONDS`` (default 10; the issue's 30 s case:
 ``TAGBUS_FAULT_OUTAGE_SECONDS=30``), so the file takes well under 90 s by default.
@@ -29,8 +29,8 @@ import psycopg
 import pytest
 
 from bench.tailer_bench import KinesisMock, free_port
-from event_bus.envelope import StoredEvent
-from event_bus.tailer import slot_status
+from kernel.envelope import StoredEvent
+from tailer import slot_status
 
 OUTAGE_SECONDS = float(os.environ.get("TAGBUS_FAULT_OUTAGE_SECONDS", "10"))
 #: ``pause``: SIGSTOP/SIGCONT the mock (requests hang, then time out); ``restart``: SIGTERM it and
@@ -42,8 +42,8 @@ TAILER_SCRIPT = """
 import logging, os, signal, threading
 import boto3
 from botocore.config import Config
-from event_bus.settings import TailerSettings
-from event_bus.tailer import run_tailer
+from tailer.settings import TailerSettings
+from tailer import run_tailer
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 env = os.environ

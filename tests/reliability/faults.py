@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from event_bus.envelope import CONFIG_SET
+from kernel.envelope import CONFIG_SET
 from producers.client import TagbusClient, new_event
 from tagbus import install, lifecycle, stack
 from tagbus.compose import build_router

@@ -26,8 +26,8 @@ from typing import Any
 import orjson
 import psycopg
 
-from event_bus.auth import issue_dev_token
-from event_bus.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
+from kernel.auth import issue_dev_token
+from kernel.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
 from producers.client import EventRejected, TagbusClient, TagbusUnavailable, new_event
 from projections.model import ConfigItem
 from tagbus import aws

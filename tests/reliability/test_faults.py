@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import pytest
 
-from event_bus.tailer import run_tailer
 from tagbus import aws, lifecycle, stack
 from tagbus import settings as settings_mod
+from tailer import run_tailer
 from tests.reliability import faults
 from tests.reliability.faults import FaultResult, Mode, run_fault
 from tests.reliability.report import Results

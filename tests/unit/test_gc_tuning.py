@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from event_bus.gc_tuning import MIDDLE, OLD, YOUNG, quiet_collector
+from kernel.gc_tuning import MIDDLE, OLD, YOUNG, quiet_collector
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from event_bus.pgoutput import (
+from tailer import ChangeDecoder
+from tailer.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
     Column,
@@ -27,7 +28,6 @@ from event_bus.pgoutput import (
     insert_text_values,
     parse_lsn,
 )
-from event_bus.tailer import ChangeDecoder
 
 # Captured with pg_logical_slot_peek_binary_changes(slot, NULL, NULL, 'proto_version', '1',
 # 'publication_names', 'tagbus_events', 'messages', 'true') from PostgreSQL 15.

@@ -27,7 +27,7 @@ from amazon_kclpy.kcl import CheckpointError, KCLProcess
 from consumers.deadletters import DeadLetter, DynamoDBDeadLetterSink, MemoryDeadLetterSink
 from consumers.processor import EXIT_HALTED, ConfigProjectionProcessor, build_router
 from consumers.stages import StageRecorder, parse_stage_line
-from event_bus.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
+from kernel.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
 from projections.errors import StoreMisconfigured, StoreThrottled, StoreUnavailable
 from projections.model import ConfigChange
 from projections.router import TagRouter

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from event_bus.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
+from kernel.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
 from projections.errors import InvalidConfigEvent, InvalidConfigKey, UnknownTag
 from projections.model import ConfigChange, ConfigKey
 from projections.router import EventOutcome, TagRouter

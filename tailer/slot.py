@@ -11,14 +11,14 @@ import psycopg
 import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from event_bus.pgoutput import format_lsn, parse_lsn
-from event_bus.tailer.decoder import HEARTBEAT_PREFIX
-from event_bus.tailer.errors import (
+from tailer.decoder import HEARTBEAT_PREFIX
+from tailer.errors import (
     DatabaseUnavailableError,
     LockUnavailableError,
     SlotBusyError,
     SlotConfigurationError,
 )
+from tailer.pgoutput import format_lsn, parse_lsn
 
 #: Advisory lock key of the active tailer ("tagbus" in ASCII); advisory locks are per database.
 ADVISORY_LOCK_KEY: Final = 0x746167627573

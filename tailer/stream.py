@@ -32,7 +32,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.conninfo import make_conninfo
 
-from event_bus.tailer.errors import DatabaseUnavailableError, SlotBusyError, SlotConfigurationError
+from tailer.errors import DatabaseUnavailableError, SlotBusyError, SlotConfigurationError
 
 #: Microseconds between the Unix epoch and PostgreSQL's (2000-01-01), for status updates.
 _PG_EPOCH_OFFSET_US: Final = 946_684_800_000_000

@@ -6,6 +6,10 @@ This metadata is what the migrations are written against and what tests compare 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -18,6 +22,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+
+from kernel.envelope import StoredEvent
 
 metadata = MetaData()
 
@@ -81,3 +87,29 @@ streams = Table(
     Column("version", BigInteger, nullable=False),
     Column("updated_at", TIMESTAMP(timezone=True), nullable=False, server_default=text("now()")),
 )
+
+
+def stored_event(row: Sequence[Any]) -> StoredEvent:
+    """A stored event from a row whose first columns are, in order: ``event_id, tenant_id,
+    stream_id, version, type, source, subject, occurred_at, recorded_at, data::text, metadata``.
+
+    ``data`` comes as text (``data::text``): decoded jsonb gives ``None`` for both SQL NULL
+    (no payload) and JSON null (a null payload), which the envelope tells apart.
+    """
+    metadata = dict(row[10] or {})
+    data = orjson.loads(row[9]) if row[9] is not None else None
+    return StoredEvent(
+        id=row[0],
+        tenant=row[1],
+        stream=row[2],
+        version=row[3],
+        type=row[4],
+        source=row[5],
+        subject=row[6],
+        time=row[7],
+        recorded_at=row[8],
+        data=data,
+        datacontenttype=metadata.pop("datacontenttype", None),
+        metadata=metadata,
+        null_data=row[9] is not None and data is None,
+    )

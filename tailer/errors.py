@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from event_bus.pgoutput import format_lsn
+from tailer.pgoutput import format_lsn
 
 
 class TailerError(Exception):

@@ -2,7 +2,7 @@
 
 For downstream consumers that rebuild from the stream (a new consumer, a read model
 rebuilt after a bug) when the events have aged out of Kinesis retention. The events go
-through the tailer's :class:`~event_bus.tailer.KinesisPublisher`, so requests keep the
+through the tailer's :class:`~tailer.KinesisPublisher`, so requests keep the
 same limits (≤ 500 records, ≤ 5 MiB) and a partial ``PutRecords`` failure resends the
 failed entry and everything after it of the same partition key, in order.
 
@@ -39,8 +39,8 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from event_bus.store import stored_event
-from event_bus.tailer import DatabaseUnavailableError, RecordSink, libpq_url
+from kernel.schema import stored_event
+from tailer import DatabaseUnavailableError, RecordSink, libpq_url
 
 #: Events handed to the publisher at once: one full PutRecords request.
 DEFAULT_CHUNK_SIZE: Final = 500
@@ -86,11 +86,11 @@ def republish(
 ) -> RepublishSummary:
     """Publish ``tenant``'s events from ``since`` on (one ``stream`` or all), per stream in version order.
 
-    ``publisher`` is normally a :class:`~event_bus.tailer.KinesisPublisher`; it returns
+    ``publisher`` is normally a :class:`~tailer.KinesisPublisher`; it returns
     only once every record is acknowledged and raises the tailer's publish errors
     (oversize, rejected) otherwise. ``progress`` is called with the running total after
     each acknowledged chunk. Database failures raise
-    :class:`~event_bus.tailer.DatabaseUnavailableError`; a republish that fails part-way
+    :class:`~tailer.DatabaseUnavailableError`; a republish that fails part-way
     can simply be run again (consumers apply by version).
     """
     if since.tzinfo is None:

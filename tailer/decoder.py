@@ -1,4 +1,4 @@
-"""pgoutput messages → committed transactions of :class:`~event_bus.envelope.StoredEvent`."""
+"""pgoutput messages → committed transactions of :class:`~kernel.envelope.StoredEvent`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Final
 
 import orjson
 
-from event_bus.envelope import StoredEvent
-from event_bus.pgoutput import (
+from kernel.envelope import StoredEvent
+from tailer.errors import EventDecodeError
+from tailer.metrics import TailerMetrics
+from tailer.pgoutput import (
     Begin,
     Commit,
     LogicalMessage,
@@ -21,8 +23,6 @@ from event_bus.pgoutput import (
     insert_relation_id,
     insert_text_values,
 )
-from event_bus.tailer.errors import EventDecodeError
-from event_bus.tailer.metrics import TailerMetrics
 
 #: Prefix of the transactional logical message the tailer emits when idle.
 HEARTBEAT_PREFIX: Final = "tagbus.heartbeat"
@@ -63,8 +63,8 @@ class ChangeDecoder:
 
     Inserts are the bulk of the stream, so they take a short path: the message kind is
     read off the first byte, and only the event columns of the tuple become strings
-    (:func:`~event_bus.pgoutput.insert_text_values`), picked by one ``itemgetter``.
-    Every other kind goes through :func:`~event_bus.pgoutput.decode_message`.
+    (:func:`~tailer.pgoutput.insert_text_values`), picked by one ``itemgetter``.
+    Every other kind goes through :func:`~tailer.pgoutput.decode_message`.
     """
 
     def __init__(self, *, table: str = "events", metrics: TailerMetrics | None = None) -> None:

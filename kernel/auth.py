@@ -14,9 +14,6 @@ from typing import Any
 
 import jwt
 
-from event_bus.problems import Problem, forbidden, unauthorized, unavailable
-from event_bus.settings import AuthSettings
-
 TIERS = ("basic", "premium", "enterprise")
 SCOPES = frozenset({"events:write", "events:read", "config:read", "admin"})
 
@@ -25,6 +22,54 @@ _JWKS_ALGORITHMS = ["RS256", "ES256"]
 #: Tenant ids end up in index keys (``(tenant_id, stream_id, …)``) and in Kinesis partition
 #: keys: bounded, and free of control characters (PostgreSQL refuses U+0000 in text).
 MAX_TENANT_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """How bearer tokens are verified."""
+
+    jwt_secret: str | None = None
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_seconds: int = 30
+
+
+class AuthError(Exception):
+    """A caller that may not proceed; each entry point renders it in its own protocol.
+
+    ``Unauthenticated`` is HTTP 401 / gRPC UNAUTHENTICATED, ``PermissionDenied`` 403 /
+    PERMISSION_DENIED, ``KeysUnavailable`` 503 / UNAVAILABLE (retry after ``retry_after`` s).
+    """
+
+    def __init__(self, detail: str, *, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class Unauthenticated(AuthError):
+    """No token, or one that does not verify: who is calling is unknown."""
+
+
+class PermissionDenied(AuthError):
+    """A verified caller without the right to do this."""
+
+
+class KeysUnavailable(AuthError):
+    """Our key server cannot be reached: the token may be fine, the caller should retry."""
+
+
+def unauthorized(detail: str) -> Unauthenticated:
+    return Unauthenticated(detail)
+
+
+def forbidden(detail: str) -> PermissionDenied:
+    return PermissionDenied(detail)
+
+
+def unavailable(detail: str, retry_after: int = 1) -> KeysUnavailable:
+    return KeysUnavailable(detail, retry_after=retry_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,4 +271,14 @@ def issue_dev_token(
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-__all__ = ["Principal", "Problem", "Quota", "TokenVerifier", "issue_dev_token"]
+__all__ = [
+    "AuthError",
+    "AuthSettings",
+    "KeysUnavailable",
+    "PermissionDenied",
+    "Principal",
+    "Quota",
+    "TokenVerifier",
+    "Unauthenticated",
+    "issue_dev_token",
+]

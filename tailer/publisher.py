@@ -14,15 +14,15 @@ from typing import Any, Final, Protocol
 
 import botocore.exceptions
 
-from event_bus.envelope import StoredEvent
-from event_bus.tailer.errors import (
+from kernel.envelope import StoredEvent
+from tailer.errors import (
     KinesisRejectedError,
     KinesisThrottledError,
     KinesisUnavailableError,
     OversizeRecordError,
     PublishInterruptedError,
 )
-from event_bus.tailer.metrics import TailerMetrics
+from tailer.metrics import TailerMetrics
 
 LOG = logging.getLogger(__name__)
 

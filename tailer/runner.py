@@ -15,16 +15,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from event_bus.gc_tuning import quiet_collector
-from event_bus.pgoutput import format_lsn
-from event_bus.settings import TailerSettings
-from event_bus.tailer.decoder import ChangeDecoder, DecodedTransaction
-from event_bus.tailer.errors import DatabaseUnavailableError, LockUnavailableError, PublishInterruptedError
-from event_bus.tailer.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, TailerMetrics, start_metrics_server
-from event_bus.tailer.publisher import KinesisClient, KinesisPublisher
-from event_bus.tailer.sink import RecordSink, prepared_publish
-from event_bus.tailer.slot import ADVISORY_LOCK_KEY, SlotReader, SlotStatus, TailerLock, libpq_url, mask_database_url
-from event_bus.tailer.stream import Keepalive, ReplicationStream
+from kernel.gc_tuning import quiet_collector
+from tailer.decoder import ChangeDecoder, DecodedTransaction
+from tailer.errors import DatabaseUnavailableError, LockUnavailableError, PublishInterruptedError
+from tailer.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, TailerMetrics, start_metrics_server
+from tailer.pgoutput import format_lsn
+from tailer.publisher import KinesisClient, KinesisPublisher
+from tailer.settings import TailerSettings
+from tailer.sink import RecordSink, prepared_publish
+from tailer.slot import ADVISORY_LOCK_KEY, SlotReader, SlotStatus, TailerLock, libpq_url, mask_database_url
+from tailer.stream import Keepalive, ReplicationStream
 
 LOG = logging.getLogger(__name__)
 

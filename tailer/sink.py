@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from event_bus.envelope import StoredEvent
+from kernel.envelope import StoredEvent
 
 
 class RecordSink(Protocol):

@@ -26,7 +26,7 @@ Parts, each small:
   :class:`DatabaseUnavailableError` / :class:`SlotBusyError`.
 - :class:`TailerLock` — ``pg_try_advisory_lock`` on a dedicated session: one active tailer.
 - :class:`ChangeDecoder` — pgoutput messages → :class:`DecodedTransaction` of
-  :class:`~event_bus.envelope.StoredEvent`.
+  :class:`~kernel.envelope.StoredEvent`.
 - :class:`RecordSink` — where events go; :class:`KinesisPublisher` (``PutRecords``) and
   :class:`NullSink` (decode-only benchmarks).
 - :class:`LogTailer` — the loop tying them together, with metrics (:class:`TailerMetrics`).
@@ -49,8 +49,8 @@ Errors::
 
 from __future__ import annotations
 
-from event_bus.tailer.decoder import HEARTBEAT_PREFIX, ChangeDecoder, DecodedTransaction
-from event_bus.tailer.errors import (
+from tailer.decoder import HEARTBEAT_PREFIX, ChangeDecoder, DecodedTransaction
+from tailer.errors import (
     DatabaseUnavailableError,
     EventDecodeError,
     KinesisRejectedError,
@@ -64,23 +64,23 @@ from event_bus.tailer.errors import (
     SlotConfigurationError,
     TailerError,
 )
-from event_bus.tailer.metrics import (
+from tailer.metrics import (
     DEFAULT_METRICS_HOST,
     DEFAULT_METRICS_PORT,
     MetricsServer,
     TailerMetrics,
     start_metrics_server,
 )
-from event_bus.tailer.publisher import (
+from tailer.publisher import (
     MAX_BATCH_BYTES,
     MAX_BATCH_RECORDS,
     MAX_RECORD_BYTES,
     KinesisClient,
     KinesisPublisher,
 )
-from event_bus.tailer.runner import CycleResult, LogTailer, run_tailer
-from event_bus.tailer.sink import NullSink, RecordSink
-from event_bus.tailer.slot import (
+from tailer.runner import CycleResult, LogTailer, run_tailer
+from tailer.sink import NullSink, RecordSink
+from tailer.slot import (
     ADVISORY_LOCK_KEY,
     SlotReader,
     SlotStatus,
@@ -89,7 +89,7 @@ from event_bus.tailer.slot import (
     mask_database_url,
     slot_status,
 )
-from event_bus.tailer.stream import Keepalive, ReplicationStream
+from tailer.stream import Keepalive, ReplicationStream
 
 __all__ = [
     "ADVISORY_LOCK_KEY",

@@ -1,6 +1,6 @@
 """The event envelope: CloudEvents 1.0 JSON as tagbus stores, streams and projects it.
 
-This module is the one piece of ``event_bus`` that other components may import: the
+Part of the shared kernel (``kernel``), which every component imports: the
 record that crosses every boundary (HTTP → table → WAL → Kinesis → projections) is
 defined here, together with its wire format.
 """
