@@ -7,7 +7,7 @@ TAGBUS := $(VENV)/bin/tagbus
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup up down demo test check lint types bench status clean reliability
+.PHONY: setup up down demo test check lint types bench status clean reliability proto proto-check
 
 ## setup: system packages (apt, as root), the virtualenv, kinesis-mock, DynamoDB Local and the KCL jars
 setup: $(STAMP)
@@ -39,9 +39,20 @@ test: up
 	@set -a; . .tagbus/env; set +a; rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; echo $$rc > .tagbus/pytest-exit; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
-lint: setup
+lint: setup proto-check
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+
+## proto: regenerate the config service's modules (committed) from config_api/v1/config.proto
+PROTOC := PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -I .
+proto: setup
+	$(PROTOC) --python_out=. --mypy_out=. --grpc_python_out=. --mypy_grpc_out=. config_api/v1/config.proto
+
+proto-check: setup
+	@tmp=$$(mktemp -d); $(PROTOC) --python_out=$$tmp --mypy_out=$$tmp --grpc_python_out=$$tmp --mypy_grpc_out=$$tmp \
+	  config_api/v1/config.proto >/dev/null && for f in $$tmp/config_api/v1/*; do \
+	  cmp -s $$f config_api/v1/$$(basename $$f) || { echo "config_api/v1/$$(basename $$f) is stale: run make proto" >&2; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp
 
 types: setup
 	$(VENV)/bin/mypy
