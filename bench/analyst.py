@@ -167,7 +167,7 @@ class Report:
 def server(explicit: str | None) -> Iterator[str]:
     """Admin URL of the server to use: ``explicit`` unless it is the local stack's, else a throwaway cluster."""
     from bench.__main__ import STACK_URL
-    from tests.fixtures.postgres_cluster import TemporaryCluster
+    from devtools.postgres_cluster import TemporaryCluster
 
     if explicit and explicit != STACK_URL:
         yield explicit
@@ -201,7 +201,7 @@ def database_at(server_url: str, name: str, revision: str) -> str:
     from alembic import command
     from alembic.config import Config
 
-    from tests.fixtures.postgres_cluster import sqlalchemy_url, with_database
+    from devtools.postgres_cluster import sqlalchemy_url, with_database
 
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -30,7 +30,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from bench import REPO_ROOT, BenchOptions, percentile
+from devtools.ports import free_port
 
 ENV_SPEC = "TAGBUS_BENCH_BUS"
 BENCH_DB = "tagbus_bench"
@@ -169,7 +169,7 @@ class Report:
 @contextlib.contextmanager
 def bench_database(server_url: str | None) -> Iterator[str]:
     """A freshly migrated ``tagbus_bench`` database on the server (or on a throwaway cluster)."""
-    from tests.fixtures.postgres_cluster import TemporaryCluster, apply_migrations, with_database
+    from devtools.postgres_cluster import TemporaryCluster, apply_migrations, with_database
 
     cluster: TemporaryCluster | None = None
     if server_url is None:
@@ -415,12 +415,6 @@ class CpuMeter:
 # --------------------------------------------------------------------------- the bus process
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class BusProcess:
     """The bus served by ``server`` (``uvicorn`` or ``granian``) in its own process group."""
@@ -428,7 +422,7 @@ class BusProcess:
     server: str
     workers: int
     spec: BusSpec
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
     @property

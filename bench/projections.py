@@ -83,7 +83,7 @@ QUICK = Sizes(events=50_000, keys=1_000, tenants=10, puts=900, ssm_puts=210)
 
 def _database(server_url: str, sizes: Sizes) -> str:
     """(Re)create the bench database, migrate it and load the events with COPY."""
-    from tests.fixtures.postgres_cluster import apply_migrations, with_database
+    from devtools.postgres_cluster import apply_migrations, with_database
 
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(BENCH_DB)))

@@ -41,7 +41,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from prometheus_client import CollectorRegistry
 from psycopg import sql
 
 from bench import BenchOptions
+from devtools.ports import free_port
 from kernel.envelope import StoredEvent
 from kernel.gc_tuning import quiet_collector
 from tagbus.install import find_postgres_bindir
@@ -157,7 +157,7 @@ def bench_server(url: str | None) -> Iterator[str]:
     if url is not None:
         yield url
         return
-    from tests.fixtures.postgres_cluster import TemporaryCluster
+    from devtools.postgres_cluster import TemporaryCluster
 
     cluster = TemporaryCluster.start()
     try:
@@ -187,7 +187,7 @@ def _drop_bench_database(server_url: str) -> None:
 @contextlib.contextmanager
 def bench_database(server_url: str) -> Iterator[str]:
     """A freshly migrated ``tagbus_bench_tailer``; dropped with its slots on exit."""
-    from tests.fixtures.postgres_cluster import apply_migrations, with_database
+    from devtools.postgres_cluster import apply_migrations, with_database
 
     _drop_bench_database(server_url)
     with psycopg.connect(server_url, autocommit=True) as conn:
@@ -411,13 +411,6 @@ def stream_messages(url: str, slot: str, messages: int, timeout: float = 600.0) 
 
 
 KINESIS_MOCK_DIR = REPO_ROOT / ".tagbus" / "kinesis-mock" / "node_modules" / "kinesis-local"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def kinesis_client(endpoint: str, **config: Any) -> Any:

@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from devtools.ports import free_port
+from devtools.postgres_cluster import cloned_database
 from event_bus.app import create_app
 from event_bus.server import ServerSettings
 from event_bus.settings import BusSettings
@@ -32,9 +34,8 @@ from kernel.envelope import StoredEvent
 from projections.router import TagRouter
 from projections.stores.memory import MemoryConfigStore
 from tagbus.compose import RouterConfigReader
-from tests.fixtures.bus import SECRET, TAGS, _free_port, serve
+from tests.fixtures.bus import SECRET, TAGS, serve
 from tests.fixtures.jwks import AUDIENCE, ISSUER, JwksServer, claims, serve_jwks, sign
-from tests.fixtures.postgres_cluster import cloned_database
 
 REPORT = Path(__file__).resolve().parents[2] / "reports" / "reliability-hostile.json"
 PROBLEM = "application/problem+json"
@@ -139,7 +140,7 @@ def serve_bus(database_url: str, jwks: JwksServer, router: TagRouter) -> Iterato
         config_reader=RouterConfigReader(router),
         body_timeout_seconds=BODY_TIMEOUT,
     )
-    server_settings = ServerSettings(port=_free_port(), header_timeout_seconds=HEADER_TIMEOUT)
+    server_settings = ServerSettings(port=free_port(), header_timeout_seconds=HEADER_TIMEOUT)
     stop = serve(app, server_settings.port, server_settings)
     bus = HostileBus(f"http://127.0.0.1:{server_settings.port}", jwks, router, server_settings)
     try:

@@ -20,8 +20,8 @@ import httpx
 import orjson
 import pytest
 
+from devtools.ports import free_port
 from event_bus.server import ServerSettings, build_server
-from tests.fixtures.bus import _free_port
 from tests.hostile.conftest import BODY_TIMEOUT, HEADER_TIMEOUT, HostileBus, HostileTally, assert_problem
 
 MIB = 1_048_576
@@ -326,7 +326,7 @@ async def _hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def test_connections_past_the_limit_are_503(tally: HostileTally) -> None:
-    settings = ServerSettings(port=_free_port(), max_connections=20, header_timeout_seconds=5)
+    settings = ServerSettings(port=free_port(), max_connections=20, header_timeout_seconds=5)
     server = build_server(_hello, settings)
     server.config.lifespan = "off"
     thread = threading.Thread(target=server.run, daemon=True)

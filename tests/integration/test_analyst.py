@@ -190,7 +190,7 @@ def test_migration_0002_downgrades_and_upgrades_again(database_url: str) -> None
     from alembic import command
     from alembic.config import Config
 
-    from tests.fixtures.postgres_cluster import REPO_ROOT, sqlalchemy_url
+    from devtools.postgres_cluster import REPO_ROOT, sqlalchemy_url
 
     cfg = Config()
     cfg.set_main_option("script_location", str(REPO_ROOT / "migrations"))

@@ -19,12 +19,13 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from devtools.ports import free_port
+from devtools.postgres_cluster import cloned_database
 from event_bus.app import create_app
 from event_bus.settings import BusSettings
 from kernel.auth import AuthSettings, KeysUnavailable, TokenVerifier, Unauthenticated
-from tests.fixtures.bus import SECRET, TAGS, _free_port, serve
+from tests.fixtures.bus import SECRET, TAGS, serve
 from tests.fixtures.jwks import AUDIENCE, ISSUER, JwksServer, SigningKeys, claims, serve_jwks, sign
-from tests.fixtures.postgres_cluster import cloned_database
 
 PROBLEM = "application/problem+json"
 
@@ -90,7 +91,7 @@ def bus(pg_server_url: str, jwks: JwksServer) -> Iterator[Bus]:
     with cloned_database(pg_server_url) as url:
         auth = AuthSettings(jwt_secret=SECRET, jwks_url=jwks.url, issuer=ISSUER, audience=AUDIENCE)
         settings = BusSettings(database_url=url, auth=auth, pool_size=4)
-        port = _free_port()
+        port = free_port()
         stop = serve(create_app(settings, tags=TAGS, config_reader=CONFIG), port)
         try:
             yield Bus(f"http://127.0.0.1:{port}", jwks)

@@ -12,10 +12,11 @@ import httpx
 import jwt
 import psycopg
 
+from devtools.ports import free_port
 from event_bus.app import create_app
 from event_bus.settings import BusSettings
 from kernel.auth import issue_dev_token
-from tests.fixtures.bus import SECRET, TAGS, RunningBus, _free_port, serve
+from tests.fixtures.bus import SECRET, TAGS, RunningBus, serve
 
 
 def event(**fields: Any) -> dict[str, Any]:
@@ -272,7 +273,7 @@ class _UnknownTagReader(_FailingReader):
 
 
 def _bus_with_reader(bus_settings: BusSettings, reader: Any) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     stop = serve(create_app(bus_settings, tags=TAGS, config_reader=reader), port)
     try:
         yield f"http://127.0.0.1:{port}"

@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devtools.postgres_cluster import cloned_database
 from event_bus.settings import BusSettings
 from event_bus.validation import MAX_INT, MIN_INT
 from kernel.auth import AuthSettings
 from tests.fixtures.bus import SECRET, TAGS, RunningBus, running_bus
-from tests.fixtures.postgres_cluster import cloned_database
 
 TENANT = "props"
 PROBLEM = "application/problem+json"

@@ -13,12 +13,12 @@ import httpx
 import psycopg
 import pytest
 
+from devtools.ports import free_port
 from event_bus.app import create_app
 from event_bus.settings import BusSettings
 from event_bus.store import EventStore
 from kernel.auth import AuthSettings
-from tests.fixtures.bus import SECRET, TAGS, RunningBus, _free_port, running_bus, serve
-from tests.fixtures.postgres_cluster import free_port
+from tests.fixtures.bus import SECRET, TAGS, RunningBus, running_bus, serve
 
 PROBLEM = "application/problem+json"
 
@@ -151,7 +151,7 @@ def test_past_the_in_flight_limit_requests_are_refused_before_any_work(database_
 def test_an_unreachable_database_is_503_with_retry_after(pg_server_url: str) -> None:
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere?connect_timeout=1"
     settings = BusSettings(database_url=url, auth=AuthSettings(jwt_secret=SECRET), pool_size=2)
-    port = _free_port()
+    port = free_port()
     stop = serve(create_app(settings, tags=TAGS, store=EventStore(url, pool_size=2, pool_timeout=0.5)), port)
     bus = RunningBus(f"http://127.0.0.1:{port}", settings)
     try:

@@ -27,12 +27,12 @@ from alembic import command
 from alembic.config import Config
 from psycopg import sql
 
+from devtools.postgres_cluster import REPO_ROOT, sqlalchemy_url, with_database
 from event_bus.partitions import Month, PartitionError, PartitionKeeper, detach_before, ensure_partitions
 from kernel.envelope import StoredEvent
 from kernel.schema import PUBLICATION
 from tailer import ChangeDecoder, SlotReader
 from tests.fixtures.bus import RunningBus
-from tests.fixtures.postgres_cluster import REPO_ROOT, sqlalchemy_url, with_database
 from tests.integration.test_analyst import session_as
 
 INSERT = (

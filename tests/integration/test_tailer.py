@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from devtools.postgres_cluster import ClusterUnavailableError, TemporaryCluster, apply_migrations
 from kernel.envelope import StoredEvent
 from tailer import (
     DatabaseUnavailableError,
@@ -38,7 +39,6 @@ from tailer import (
 from tailer.pgoutput import format_lsn, parse_lsn
 from tailer.settings import TailerSettings
 from tests.fixtures.kinesis import versions_on_stream
-from tests.fixtures.postgres_cluster import ClusterUnavailableError, TemporaryCluster, apply_migrations
 
 # ------------------------------------------------------------------ helpers
 

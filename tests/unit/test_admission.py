@@ -15,8 +15,9 @@ import orjson
 import pytest
 from starlette.types import Receive, Scope, Send
 
+from devtools.ports import free_port
 from event_bus.admission import Admission, InFlightLimit
-from tests.fixtures.bus import _free_port, serve
+from tests.fixtures.bus import serve
 
 PROBLEM = "application/problem+json"
 
@@ -53,7 +54,7 @@ class HeldApp:
 def served(limit: int) -> Iterator[tuple[HeldApp, list[int], str]]:
     shed: list[int] = []
     app = HeldApp(Admission(limit, exempt=("/healthz",), on_shed=lambda: shed.append(1)))
-    port = _free_port()
+    port = free_port()
     stop = serve(app, port)
     try:
         yield app, shed, f"http://127.0.0.1:{port}"
