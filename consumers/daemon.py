@@ -73,7 +73,7 @@ class DaemonSettings:
     """What the MultiLangDaemon needs to know; rendered into its ``.properties`` file.
 
     ``processor_command`` is the argv of the record processor the daemon spawns per shard,
-    e.g. ``("/repo/.venv/bin/python", "-m", "consumers.processor")``.
+    e.g. ``("/repo/.venv/bin/python", "-m", "tagbus.processor")``.
     """
 
     stream_name: str

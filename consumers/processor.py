@@ -1,8 +1,9 @@
 """The KCL record processor that projects config events into the tagged read models.
 
-Run by the MultiLangDaemon once per shard as ``python -m consumers.processor``; it speaks
-the amazon-kclpy v3 protocol on stdin/stdout, so nothing here may print to stdout (logs go
-to stderr).
+Run by the MultiLangDaemon once per shard as ``python -m tagbus.processor``: the composition
+root registers the tags (``tagbus.compose.tag_router``), builds the processor with
+:func:`build_processor` and hands it to :func:`run`. It speaks the amazon-kclpy v3 protocol
+on stdin/stdout, so nothing here may print to stdout (logs go to stderr).
 
 :class:`BatchRecordProcessor` is the typed base that owns the KCL lifecycle:
 
@@ -54,7 +55,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-import boto3
 from amazon_kclpy.kcl import CheckpointError, KCLProcess
 from amazon_kclpy.v3.processor import RecordProcessorBase
 
@@ -65,11 +65,9 @@ from kernel.gc_tuning import quiet_collector
 from projections.errors import ProjectionError, StoreError, StoreMisconfigured
 from projections.router import BatchResult, EventOutcome, TagRouter
 from projections.stores.dynamodb import DynamoDBConfigStore
-from projections.stores.ssm import SSMConfigStore
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
-    from mypy_boto3_ssm import SSMClient
 
 log = logging.getLogger(__name__)
 
@@ -515,24 +513,16 @@ class ConfigProjectionProcessor(BatchRecordProcessor):
         return self.router.apply(events)
 
 
-def build_router(dynamodb: DynamoDBClient, ssm: SSMClient) -> TagRouter:
-    """The production tag registry: one line per tag."""
-    router = TagRouter()
-    router.register("tenantconfig", DynamoDBConfigStore(dynamodb))
-    router.register("paramconfig", SSMConfigStore(ssm))
-    return router
-
-
 def build_processor(
+    router: TagRouter,
     dynamodb: DynamoDBClient,
-    ssm: SSMClient,
     *,
     ensure_tables: bool = True,
     checkpoint_interval: float = CHECKPOINT_INTERVAL,
     pipelined: bool = True,
     stage_interval: float = STAGE_INTERVAL,
 ) -> ConfigProjectionProcessor:
-    router = build_router(dynamodb, ssm)
+    """The production processor over ``router``; dead letters go to a DynamoDB table on ``dynamodb``."""
     dead_letters = DynamoDBDeadLetterSink(dynamodb)
     if ensure_tables:
         try:
@@ -553,20 +543,27 @@ def build_processor(
     )
 
 
-def main() -> int:
-    """Entry point the MultiLangDaemon runs per shard; clients from boto3's own environment."""
+def configure_logging(level: str = "INFO") -> None:
+    """Logs of a shard's processor go to stderr: stdout carries the KCL protocol."""
     logging.basicConfig(
         stream=sys.stderr,
-        level=os.environ.get("TAGBUS_LOG_LEVEL", "INFO").upper(),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    session = boto3.session.Session()
-    processor = build_processor(session.client("dynamodb"), session.client("ssm"))
+
+
+def run(processor: BatchRecordProcessor) -> int:
+    """Speak the KCL protocol on stdin/stdout with ``processor`` until the daemon ends the shard."""
     quiet_collector()  # no collector pauses of tens of ms in the middle of a batch
     KCLProcess(processor).run()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A MultiLangDaemon started before the entry point moved to the composition root still
+    # spawns `python -m consumers.processor`; it is handed on rather than failing its shard.
+    # Delete once no daemon runs with that command.
+    import runpy
+
+    runpy.run_module("tagbus.processor", run_name="__main__")

@@ -231,7 +231,7 @@ def consumer() -> None:
 
     s = _settings()
     state = s.home
-    daemon = DaemonSettings.from_env(dict(s.environ), [sys.executable, "-m", "consumers.processor"])
+    daemon = DaemonSettings.from_env(dict(s.environ), [sys.executable, "-m", "tagbus.processor"])
     code = run_daemon(daemon, jars_dir=state / "kcl-jars", workdir=state / "kcl-run", env=dict(s.environ))
     if code:
         raise CliError(f"the MultiLangDaemon exited with {code}")

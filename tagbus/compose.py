@@ -1,24 +1,49 @@
-"""Wiring: builds each part from the settings. The only module that knows every component."""
+"""Wiring: builds each part from the settings. The only module that knows every component.
+
+The tag registry lives here (:func:`tag_router`): every part that needs the tags — the bus
+(which keys it accepts), the KCL processor (where they are projected), the config server
+(what it snapshots and serves), replay — takes them from this one function.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-import consumers.processor
+from consumers.processor import ConfigProjectionProcessor, build_processor
 from event_bus.app import create_app
 from projections.errors import InvalidConfigKey, UnknownTag
 from projections.model import ConfigItem
 from projections.router import TagRouter
+from projections.stores.dynamodb import DynamoDBConfigStore
+from projections.stores.ssm import SSMConfigStore
 from tagbus import aws
 from tagbus.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+    from mypy_boto3_ssm import SSMClient
+
+
+def tag_router(dynamodb: DynamoDBClient, ssm: SSMClient) -> TagRouter:
+    """The tag registry: which read model holds each tag's keys. Adding a tag is one line here."""
+    router = TagRouter()
+    router.register("tenantconfig", DynamoDBConfigStore(dynamodb))
+    router.register("paramconfig", SSMConfigStore(ssm))
+    return router
 
 
 def build_router(settings: Settings) -> TagRouter:
     """The tag router with the built-in read models, on clients built from the settings."""
-    return consumers.processor.build_router(aws.client(settings, "dynamodb"), aws.client(settings, "ssm"))
+    return tag_router(aws.client(settings, "dynamodb"), aws.client(settings, "ssm"))
+
+
+def shard_processor(settings: Settings) -> ConfigProjectionProcessor:
+    """The KCL record processor of one shard (``python -m tagbus.processor``)."""
+    dynamodb = aws.client(settings, "dynamodb")
+    return build_processor(tag_router(dynamodb, aws.client(settings, "ssm")), dynamodb)
 
 
 class RouterConfigReader:

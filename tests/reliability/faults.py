@@ -123,7 +123,7 @@ def kcl_daemon_pid() -> int | None:
 def processor_pids() -> list[int]:
     """The Python record processors the daemon spawned (one per leased shard)."""
     daemon = kcl_daemon_pid()
-    return [] if daemon is None else [p for p in children(daemon) if "consumers.processor" in cmdline(p)]
+    return [] if daemon is None else [p for p in children(daemon) if "tagbus.processor" in cmdline(p)]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> float:

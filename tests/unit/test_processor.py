@@ -25,7 +25,7 @@ from amazon_kclpy import dispatch
 from amazon_kclpy.kcl import CheckpointError, KCLProcess
 
 from consumers.deadletters import DeadLetter, DynamoDBDeadLetterSink, MemoryDeadLetterSink
-from consumers.processor import EXIT_HALTED, ConfigProjectionProcessor, build_router
+from consumers.processor import EXIT_HALTED, ConfigProjectionProcessor
 from consumers.stages import StageRecorder, parse_stage_line
 from kernel.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
 from projections.errors import StoreMisconfigured, StoreThrottled, StoreUnavailable
@@ -35,6 +35,7 @@ from projections.stores.base import ApplyResult, ChangeResult, Outcome
 from projections.stores.dynamodb import DynamoDBConfigStore
 from projections.stores.memory import MemoryConfigStore
 from projections.stores.ssm import SSMConfigStore
+from tagbus.compose import tag_router
 
 SAMPLES = Path(__file__).parent.parent / "fixtures" / "sample_events"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -465,9 +466,9 @@ def test_pipelined_processor_speaks_the_multilang_protocol() -> None:
     assert h.value("acme", "tenantconfig:billing/currency") == ("USD", 2)
 
 
-def test_build_router_registers_both_tags() -> None:
+def test_tag_router_registers_both_tags() -> None:
     session = boto3.session.Session(aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1")
-    router = build_router(session.client("dynamodb"), session.client("ssm"))
+    router = tag_router(session.client("dynamodb"), session.client("ssm"))
     assert router.registered_tags == frozenset({"tenantconfig", "paramconfig"})
     assert isinstance(router.store_for("tenantconfig"), DynamoDBConfigStore)
     assert isinstance(router.store_for("paramconfig"), SSMConfigStore)
