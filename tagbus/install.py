@@ -1,4 +1,4 @@
-"""Installation steps for the local stack: system tools, kinesis-mock, DynamoDB Local, KCL jars.
+"""Installation steps for the local stack: system tools, kinesis-mock, DynamoDB Local, KCL jars, grpcurl.
 
 Everything downloaded lands under ``<root>/.tagbus/`` and is reused when present, so a
 second ``make setup`` makes no network calls. Each step checks for the system tool it
@@ -14,6 +14,8 @@ Workarounds recorded here (why the code looks the way it does):
   missing. We build it from its sdist with the pom's ``kcl.version`` set to the same
   override and the jars that Maven already fetched placed in ``amazon_kclpy/jars``, so
   its downloader finds every jar present and skips the network.
+* grpcurl (the outside gRPC client the config server is checked with) is not packaged by
+  Debian; it is built from its Go module with ``go install`` into ``.tagbus/bin``.
 * DynamoDB Local needs sqlite4java's native library; Maven delivers it as
   ``libsqlite4java-linux-amd64-<ver>.so`` and sqlite4java looks for
   ``libsqlite4java-linux-amd64.so`` on ``java.library.path``, so it is copied to that name.
@@ -36,6 +38,7 @@ from pathlib import Path
 
 __all__ = [
     "DYNAMODB_LOCAL_VERSION",
+    "GRPCURL_VERSION",
     "KCLPY_VERSION",
     "KCL_VERSION",
     "KINESIS_LOCAL_VERSION",
@@ -47,6 +50,7 @@ __all__ = [
     "find_postgres_bindir",
     "install_all",
     "install_dynamodb_local",
+    "install_grpcurl",
     "install_kcl_jars",
     "install_kclpy",
     "install_kinesis_mock",
@@ -60,6 +64,8 @@ DYNAMODB_LOCAL_VERSION = "3.3.1"
 KCLPY_VERSION = "3.2.0"
 # Newest amazon-kinesis-client-multilang 3.x served (3.5.3 from kclpy's pom is not).
 KCL_VERSION = "3.1.3"
+GRPCURL_VERSION = "v1.9.4"
+GRPCURL_MODULE = "github.com/fullstorydev/grpcurl/cmd/grpcurl"
 
 # tool on PATH -> Debian package that provides it
 SYSTEM_PACKAGES: dict[str, str] = {
@@ -69,7 +75,11 @@ SYSTEM_PACKAGES: dict[str, str] = {
     "npm": "npm",
     # the load generator of `make bench`
     "wrk": "wrk",
+    # builds grpcurl (install_grpcurl); Go's own toolchain under /usr/local/go is used when present
+    "go": "golang-go",
 }
+#: Where a Go toolchain installed outside Debian's packages usually lives (not always on PATH).
+_GO_FALLBACKS = ("/usr/local/go/bin/go", "/usr/lib/go/bin/go")
 POSTGRES_PACKAGE = "postgresql"
 _POSTGRES_GLOB = "/usr/lib/postgresql/*/bin"
 _MAVEN_NS = "http://maven.apache.org/POM/4.0.0"
@@ -102,7 +112,7 @@ def state_dir(root: Path) -> Path:
 
 def require_tool(name: str) -> str:
     """Absolute path of ``name`` on PATH, or MissingToolError naming the package to install."""
-    found = shutil.which(name)
+    found = _which(name)
     if found is None:
         package = SYSTEM_PACKAGES.get(name, name)
         raise MissingToolError(
@@ -136,7 +146,7 @@ def ensure_system_packages(*, dry_run: bool = False) -> list[str]:
     Only acts as root (``make setup``); as another user it raises MissingToolError for the
     first missing tool instead, since installing needs root.
     """
-    missing = [pkg for tool, pkg in SYSTEM_PACKAGES.items() if shutil.which(tool) is None]
+    missing = [pkg for tool, pkg in SYSTEM_PACKAGES.items() if _which(tool) is None]
     try:
         find_postgres_bindir()
     except MissingToolError:
@@ -249,6 +259,22 @@ def install_kclpy(root: Path, *, python: Path | None = None) -> None:
     )
 
 
+def install_grpcurl(root: Path) -> Path:
+    """Build grpcurl with ``go install`` into ``.tagbus/bin``; returns its path (kept when present)."""
+    bindir = state_dir(root) / "bin"
+    target = bindir / "grpcurl"
+    if target.is_file() and os.access(target, os.X_OK):
+        return target
+    go = require_tool("go")
+    bindir.mkdir(parents=True, exist_ok=True)
+    # GOFLAGS=-mod=mod: a checkout's own go.work or vendor folder must not steer this build.
+    env = {**os.environ, "GOBIN": str(bindir), "GOFLAGS": "-mod=mod", "GOWORK": "off"}
+    _run([go, "install", f"{GRPCURL_MODULE}@{GRPCURL_VERSION}"], step="go install grpcurl", cwd=bindir, env=env)
+    if not target.is_file():
+        raise InstallError(f"go install grpcurl left no {target}")
+    return target
+
+
 def install_all(root: Path, *, python: Path | None = None) -> None:
     """Every download step the local stack needs (``make setup`` after system packages)."""
     find_postgres_bindir()
@@ -257,6 +283,7 @@ def install_all(root: Path, *, python: Path | None = None) -> None:
     install_dynamodb_local(root)
     install_kcl_jars(root)
     install_kclpy(root, python=python)
+    install_grpcurl(root)
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -347,6 +374,13 @@ def _copy_dependencies(pom: Path, output: Path, *, step: str, extra: list[str] |
     )
 
 
+def _which(tool: str) -> str | None:
+    found = shutil.which(tool)
+    if found is None and tool == "go":
+        found = next((p for p in _GO_FALLBACKS if os.access(p, os.X_OK)), None)
+    return found
+
+
 def _installed_npm_version(package_dir: Path) -> str | None:
     manifest = package_dir / "package.json"
     if not manifest.is_file() or not (package_dir / "main.js").is_file():
@@ -379,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         ("DynamoDB Local (Maven)", lambda: install_dynamodb_local(root)),
         (f"KCL {KCL_VERSION} MultiLangDaemon jars (Maven)", lambda: install_kcl_jars(root)),
         (f"amazon-kclpy {KCLPY_VERSION} (pip, without its jar download)", lambda: install_kclpy(root)),
+        (f"grpcurl {GRPCURL_VERSION} (go install)", lambda: install_grpcurl(root)),
     ]
     for label, step in steps:
         started = time.monotonic()

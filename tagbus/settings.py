@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from event_bus.settings import BusSettings
-from kernel.auth import AuthSettings
+from kernel.auth import DEFAULT_AUDIENCE, AuthSettings
 from tailer.settings import TailerSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +36,11 @@ class Settings:
     http_port: int
     auth: AuthSettings
     environ: Mapping[str, str]
+    #: The config server's gRPC and HTTP (SSE, health, metrics) ports.
+    grpc_port: int = 50051
+    config_http_port: int = 8081
+    #: ``host:port`` of an upstream config server to chain to instead of reading Kinesis.
+    config_upstream: str | None = None
 
     def bus(self) -> BusSettings:
         return BusSettings(database_url=self.database_url, auth=self.auth)
@@ -47,11 +52,33 @@ class Settings:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def grpc_target(self) -> str:
+        """Where this checkout's config server answers gRPC."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def config_base_url(self) -> str:
+        """The config server's HTTP side: Server-Sent Events, health, metrics."""
+        return f"http://127.0.0.1:{self.config_http_port}"
+
     def sqlalchemy_url(self) -> str:
         scheme, sep, rest = self.database_url.partition("://")
         if not sep or scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
             raise SettingsError("TAGBUS_DATABASE_URL must be a postgresql:// URL")
         return "postgresql+psycopg://" + rest
+
+
+def _auth(env: Mapping[str, str], secret: str | None, jwks: str | None) -> AuthSettings:
+    try:
+        return AuthSettings(
+            jwt_secret=secret,
+            jwks_url=jwks,
+            issuer=env.get("TAGBUS_JWT_ISSUER") or None,
+            audience=env.get("TAGBUS_JWT_AUDIENCE") or DEFAULT_AUDIENCE,
+        )
+    except ValueError as e:
+        raise SettingsError(str(e)) from e
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -75,21 +102,33 @@ def load(environ: Mapping[str, str] | None = None, *, home: Path | None = None) 
     real = dict(os.environ if environ is None else environ)
     home = home or Path(real.get("TAGBUS_HOME", ".tagbus")).resolve()
     env = read_env_file(home / "env") | real
-    port_text = env.get("TAGBUS_HTTP_PORT", "8080")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise SettingsError(f"TAGBUS_HTTP_PORT must be a port number, not {port_text!r}")
     secret = env.get("TAGBUS_JWT_SECRET") or None
     jwks = env.get("TAGBUS_JWKS_URL") or None
     return Settings(
         home=home,
         database_url=env.get("TAGBUS_DATABASE_URL", LOCAL_DATABASE_URL),
         stream_name=env.get("TAGBUS_STREAM_NAME", DEFAULT_STREAM),
-        http_port=int(port_text),
-        auth=AuthSettings(
-            jwt_secret=secret,
-            jwks_url=jwks,
-            issuer=env.get("TAGBUS_JWT_ISSUER") or None,
-            audience=env.get("TAGBUS_JWT_AUDIENCE") or None,
-        ),
+        http_port=_port(env, "TAGBUS_HTTP_PORT", 8080),
+        auth=_auth(env, secret, jwks),
         environ=env,
+        grpc_port=_port(env, "TAGBUS_GRPC_PORT", 50051),
+        config_http_port=_port(env, "TAGBUS_CONFIG_HTTP_PORT", 8081),
+        config_upstream=_upstream(env.get("TAGBUS_CONFIG_UPSTREAM")),
     )
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name) or str(default)
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise SettingsError(f"{name} must be a port number, not {text!r}")
+    return int(text)
+
+
+def _upstream(text: str | None) -> str | None:
+    """``host:port`` of an upstream config server, checked here so a typo fails at start."""
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"TAGBUS_CONFIG_UPSTREAM must be host:port, not {text!r}")
+    return text
