@@ -24,15 +24,31 @@ _JWKS_ALGORITHMS = ["RS256", "ES256"]
 MAX_TENANT_CHARS = 128
 
 
+#: The audience every tagbus entry point identifies itself with unless configured otherwise.
+DEFAULT_AUDIENCE = "tagbus"
+
+
 @dataclass(frozen=True, slots=True)
 class AuthSettings:
-    """How bearer tokens are verified."""
+    """How bearer tokens are verified.
+
+    There is always an audience: RFC 7519 §4.1.3 says a recipient that does not identify
+    itself with a present ``aud`` must reject the token, and with a key set shared by many
+    services of one identity provider, a token minted for any of them would otherwise work
+    here. With a JWKS an issuer is required too, for the same reason.
+    """
 
     jwt_secret: str | None = None
     jwks_url: str | None = None
     issuer: str | None = None
-    audience: str | None = None
+    audience: str = DEFAULT_AUDIENCE
     leeway_seconds: int = 30
+
+    def __post_init__(self) -> None:
+        if not self.audience:
+            raise ValueError("a JWT audience is required (TAGBUS_JWT_AUDIENCE; default 'tagbus')")
+        if self.jwks_url and not self.issuer:
+            raise ValueError("a JWKS URL needs an issuer (TAGBUS_JWT_ISSUER): any issuer's keys would be accepted")
 
 
 class AuthError(Exception):
@@ -157,7 +173,7 @@ class TokenVerifier:
 
     def _decode(self, token: str) -> dict[str, Any]:
         s = self._settings
-        options = {"require": ["exp", "sub", "tenant_id"], "verify_aud": s.audience is not None}
+        options = {"require": ["exp", "sub", "tenant_id", "aud"]}
         try:
             header = jwt.get_unverified_header(token)
             alg = header.get("alg")
@@ -250,7 +266,7 @@ def issue_dev_token(
     scope: str = "events:write events:read config:read",
     ttl_seconds: int = 3600,
     issuer: str | None = None,
-    audience: str | None = None,
+    audience: str = DEFAULT_AUDIENCE,
     now: float,
     extra: Mapping[str, Any] | None = None,
 ) -> str:
@@ -265,8 +281,7 @@ def issue_dev_token(
     }
     if issuer:
         claims["iss"] = issuer
-    if audience:
-        claims["aud"] = audience
+    claims["aud"] = audience
     claims.update(extra or {})
     return jwt.encode(claims, secret, algorithm="HS256")
 

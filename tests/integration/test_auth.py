@@ -23,7 +23,7 @@ from devtools.ports import free_port
 from devtools.postgres_cluster import cloned_database
 from event_bus.app import create_app
 from event_bus.settings import BusSettings
-from kernel.auth import AuthSettings, KeysUnavailable, TokenVerifier, Unauthenticated
+from kernel.auth import AuthSettings, KeysUnavailable, TokenVerifier, Unauthenticated, issue_dev_token
 from tests.fixtures.bus import SECRET, TAGS, serve
 from tests.fixtures.jwks import AUDIENCE, ISSUER, JwksServer, SigningKeys, claims, serve_jwks, sign
 
@@ -265,7 +265,9 @@ def test_a_tenantid_claim_cannot_be_smuggled_through_the_query(bus: Bus) -> None
 
 
 def test_an_unreachable_key_server_is_503_not_401() -> None:
-    verifier = TokenVerifier(AuthSettings(jwks_url="http://127.0.0.1:9/jwks.json"), jwks_timeout_seconds=1)
+    verifier = TokenVerifier(
+        AuthSettings(jwks_url="http://127.0.0.1:9/jwks.json", issuer=ISSUER, audience=AUDIENCE), jwks_timeout_seconds=1
+    )
     token = sign(claims("acme"), SigningKeys().rsa, "RS256", "rsa-1")
     assert verifier.may_block()
     with pytest.raises(KeysUnavailable) as caught:
@@ -274,7 +276,7 @@ def test_an_unreachable_key_server_is_503_not_401() -> None:
 
 
 def test_hs256_is_refused_when_only_a_jwks_is_configured(jwks: JwksServer) -> None:
-    verifier = TokenVerifier(AuthSettings(jwks_url=jwks.url))
+    verifier = TokenVerifier(AuthSettings(jwks_url=jwks.url, issuer=ISSUER, audience=AUDIENCE))
     with pytest.raises(Unauthenticated):
         verifier.verify(f"Bearer {sign(claims('acme'), SECRET, 'HS256')}")
 
@@ -282,11 +284,30 @@ def test_hs256_is_refused_when_only_a_jwks_is_configured(jwks: JwksServer) -> No
 def test_a_key_removed_from_the_jwks_stops_being_accepted() -> None:
     keys = SigningKeys()
     with serve_jwks(keys) as server:
-        verifier = TokenVerifier(AuthSettings(jwks_url=server.url), jwks_lifespan_seconds=0.2)
-        plain = {k: v for k, v in claims("acme").items() if k not in ("iss", "aud")}
-        token = sign(plain, keys.rsa, "RS256", keys.rsa_kid)
+        auth = AuthSettings(jwks_url=server.url, issuer=ISSUER, audience=AUDIENCE)
+        verifier = TokenVerifier(auth, jwks_lifespan_seconds=0.2)
+        token = sign(claims("acme"), keys.rsa, "RS256", keys.rsa_kid)
         assert verifier.verify(f"Bearer {token}").tenant == "acme"
         server.document = {"keys": [k for k in server.document["keys"] if k["kid"] != keys.rsa_kid]}
         time.sleep(0.3)
+        with pytest.raises(Unauthenticated):
+            verifier.verify(f"Bearer {token}")
+
+
+# --- the audience and issuer are always checked (RFC 7519 §4.1.3) -------------------------
+
+
+def test_settings_refuse_a_jwks_without_an_issuer() -> None:
+    with pytest.raises(ValueError, match="issuer"):
+        AuthSettings(jwks_url="http://127.0.0.1:9/jwks.json")
+
+
+def test_a_token_without_aud_or_for_another_audience_is_refused_by_default() -> None:
+    verifier = TokenVerifier(AuthSettings(jwt_secret=SECRET))
+    now = time.time()
+    assert verifier.verify(f"Bearer {issue_dev_token(SECRET, tenant='acme', now=now)}").tenant == "acme"
+    foreign = issue_dev_token(SECRET, tenant="acme", now=now, audience="billing-service")
+    plain = {k: v for k, v in claims("acme").items() if k not in ("iss", "aud")}
+    for token in (foreign, sign(plain, SECRET, "HS256")):
         with pytest.raises(Unauthenticated):
             verifier.verify(f"Bearer {token}")
