@@ -6,9 +6,12 @@ A benchmark module exposes ``run_benchmark(options: BenchOptions) -> None``; the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from kernel.stats import percentile
+
+__all__ = ["REPO_ROOT", "BenchOptions", "percentile"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,11 +25,3 @@ class BenchOptions:
     #: throwaway cluster.
     server_url: str | None
     reports_dir: Path = REPO_ROOT / "reports"
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The nearest-rank ``q``-th percentile (``q`` in 0–100) of ``values``; NaN when empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]

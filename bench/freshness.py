@@ -36,6 +36,7 @@ import orjson
 from bench import BenchOptions
 from consumers.stages import STAGE_INTERVAL, STAGES, parse_stage_line
 from kernel.auth import issue_dev_token
+from kernel.stats import percentile
 from tagbus import lifecycle
 from tagbus import settings as settings_mod
 
@@ -94,10 +95,8 @@ class FreshnessResult:
 
 
 def _pct(values: list[float], pct: int) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return 1000 * ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+    """The percentile in milliseconds of values in seconds."""
+    return 1000 * percentile(values, pct)
 
 
 def _event(key: str, value: Any) -> bytes:

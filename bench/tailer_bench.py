@@ -62,6 +62,7 @@ from bench import BenchOptions
 from devtools.ports import free_port
 from kernel.envelope import StoredEvent
 from kernel.gc_tuning import quiet_collector
+from kernel.stats import percentile
 from tagbus.install import find_postgres_bindir
 from tailer import ChangeDecoder, KinesisPublisher, LogTailer, NullSink, SlotReader, TailerMetrics
 from tailer.runner import DEFAULT_IN_FLIGHT
@@ -892,11 +893,6 @@ def _paced_inserter(
         stop.set()
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def measure_latency(
     url: str,
     sizes: Sizes,
@@ -990,7 +986,7 @@ def measure_latency(
     lateness = [committed[j] - (t0 + j / sizes.latency_rate) for j in range(warm, total)]
     count = registry.get_sample_value("tagbus_tailer_commit_to_ack_seconds_count") or 0.0
     within = registry.get_sample_value("tagbus_tailer_commit_to_ack_seconds_bucket", {"le": "0.1"}) or 0.0
-    p50, p99 = percentile(latencies, 0.50), percentile(latencies, 0.99)
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     waits = [sink.handed[ids[j]] - committed[j] for j in range(warm, total) if ids[j] in sink.acked]
     result = {
         "events": total,
@@ -999,17 +995,17 @@ def measure_latency(
         "target_rate_per_s": sizes.latency_rate,
         "achieved_rate_per_s": round(achieved),
         "inserter_connections": sizes.latency_inserters,
-        "commit_lateness_p99_ms": round(percentile(lateness, 0.99) * 1000, 1),
+        "commit_lateness_p99_ms": round(percentile(lateness, 99) * 1000, 1),
         "poll_interval_ms": round(sizes.poll_interval_seconds * 1000, 1),
         "shards": shards,
         "aggregate": aggregate,
         "in_flight": in_flight,
         "unacknowledged_after_20s": missing,
         "publish_calls": len(sink.publish_seconds),
-        "publish_call_p50_ms": round(percentile(sink.publish_seconds, 0.5) * 1000, 1),
-        "publish_call_p99_ms": round(percentile(sink.publish_seconds, 0.99) * 1000, 1),
-        "handed_p50_ms": round(percentile(waits, 0.50) * 1000, 1),
-        "handed_p99_ms": round(percentile(waits, 0.99) * 1000, 1),
+        "publish_call_p50_ms": round(percentile(sink.publish_seconds, 50) * 1000, 1),
+        "publish_call_p99_ms": round(percentile(sink.publish_seconds, 99) * 1000, 1),
+        "handed_p50_ms": round(percentile(waits, 50) * 1000, 1),
+        "handed_p99_ms": round(percentile(waits, 99) * 1000, 1),
         "p50_ms": round(p50 * 1000, 1),
         "p99_ms": round(p99 * 1000, 1),
         "max_ms": round(max(latencies) * 1000, 1),

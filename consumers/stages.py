@@ -31,6 +31,8 @@ from typing import Any
 
 import orjson
 
+from kernel.stats import percentile
+
 log = logging.getLogger(__name__)
 
 #: The log line's prefix; the JSON object follows it.
@@ -110,12 +112,7 @@ class StageRecorder:
 
 def summarize(values: list[float], *, scale: float = 1000.0) -> dict[str, float]:
     """p50, p99 and max of ``values`` times ``scale`` (seconds to milliseconds by default)."""
-    ordered = sorted(values)
-
-    def pct(p: int) -> float:
-        return round(scale * ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))], 1)
-
-    return {"p50": pct(50), "p99": pct(99), "max": round(scale * ordered[-1], 1)}
+    return {q: round(scale * percentile(values, n), 1) for q, n in (("p50", 50), ("p99", 99), ("max", 100))}
 
 
 def parse_stage_line(line: str) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 import psycopg
 
+from kernel.stats import percentile
 from tagbus import stack
 from tagbus.settings import Settings
 from tests.reliability.faults import tree_rss_bytes
@@ -268,10 +269,8 @@ class Sampler:
 
 
 def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    """``q`` in 0–1; 0.0 when there are no values (the report shows a zero, not NaN)."""
+    return percentile(values, q * 100) if values else 0.0
 
 
 def summarize(shots: list[Shot], seconds: float) -> dict[str, Any]:
