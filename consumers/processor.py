@@ -46,7 +46,6 @@ from __future__ import annotations
 import abc
 import logging
 import os
-import random
 import sys
 import threading
 import time
@@ -62,6 +61,7 @@ from consumers.deadletters import UNKNOWN_TENANT, DeadLetter, DeadLetterSink, Dy
 from consumers.stages import STAGE_INTERVAL, BatchTimes, StageRecorder
 from kernel.envelope import StoredEvent
 from kernel.gc_tuning import quiet_collector
+from kernel.retry import Backoff, Jitter
 from projections.errors import ProjectionError, StoreError, StoreMisconfigured
 from projections.router import BatchResult, EventOutcome, TagRouter
 from projections.stores.dynamodb import DynamoDBConfigStore
@@ -427,7 +427,7 @@ class BatchRecordProcessor(RecordProcessorBase, metaclass=abc.ABCMeta):  # type:
             if retry:
                 round_ += 1
                 self.stats.retries += len(retry)
-                delay = min(self.max_delay, self.base_delay * 2 ** (round_ - 1))
+                delay = Backoff(self.base_delay, self.max_delay, Jitter.EQUAL).ceiling(round_)
                 log.warning(
                     "shard %s: %d event(s) failed (e.g. %s: %s); retrying in about %.1fs",
                     self.shard_id,
@@ -436,7 +436,7 @@ class BatchRecordProcessor(RecordProcessorBase, metaclass=abc.ABCMeta):  # type:
                     retry[0].last_error,
                     delay,
                 )
-                self._sleep(random.uniform(delay / 2, delay))
+                self._sleep(Backoff(self.base_delay, self.max_delay, Jitter.EQUAL).delay(round_))
             pending = retry
 
         for letter in letters:
@@ -491,7 +491,7 @@ class BatchRecordProcessor(RecordProcessorBase, metaclass=abc.ABCMeta):  # type:
                     self.lease_lost_at = self._clock()
                     return False
                 if e.value == "ThrottlingException" and attempt < self.checkpoint_attempts:
-                    self._sleep(min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+                    self._sleep(Backoff(self.base_delay, self.max_delay, Jitter.NONE).delay(attempt))
                     continue
                 # The batch is applied; a later checkpoint covers it, and a redelivery is a no-op.
                 log.error("shard %s: checkpoint at %s failed: %s", self.shard_id, sequence_number, e.value)

@@ -9,13 +9,14 @@ server's ``Retry-After``; connection errors with exponential backoff and jitter;
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
+
+from kernel.retry import Backoff, Jitter
 
 TokenProvider = Callable[[], str]
 
@@ -60,14 +61,15 @@ def new_event(
 
 class _Policy:
     def __init__(self, attempts: int, base_delay: float, max_delay: float) -> None:
-        self.attempts, self.base_delay, self.max_delay = attempts, base_delay, max_delay
+        self.attempts, self.max_delay = attempts, max_delay
+        self.backoff = Backoff(base_delay, max_delay, Jitter.FULL)
 
     def delay(self, attempt: int, response: httpx.Response | None) -> float:
         if response is not None:
             retry_after = response.headers.get("retry-after", "")
             if retry_after.isdigit():
                 return min(float(retry_after), self.max_delay)
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+        return self.backoff.delay(attempt + 1)
 
     def outcome(self, response: httpx.Response) -> Any:
         """The parsed success body, ``None`` to retry, or raise for a client error."""
