@@ -1,10 +1,10 @@
-"""Translation of botocore errors into :mod:`projections.errors`, by error code, in one place."""
+"""Translation of botocore errors into :mod:`projections.errors` (classified by :mod:`kernel.aws_errors`)."""
 
 from __future__ import annotations
 
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 
+from kernel.aws_errors import ErrorKind, classify, error_code
 from projections.errors import (
     ChangeRejected,
     StoreError,
@@ -13,71 +13,21 @@ from projections.errors import (
     StoreUnavailable,
 )
 
-THROTTLING_CODES = frozenset(
-    {
-        "ThrottlingException",
-        "Throttling",
-        "ThrottledException",
-        "RequestLimitExceeded",
-        "ProvisionedThroughputExceededException",
-        "TooManyRequestsException",
-        "TooManyUpdates",  # SSM: concurrent updates of one parameter
-        "SlowDown",
-    }
-)
-UNAVAILABLE_CODES = frozenset(
-    {"InternalServerError", "InternalFailure", "ServiceUnavailable", "InternalError", "RequestTimeout"}
-)
-MISCONFIGURED_CODES = frozenset(
-    {
-        "ResourceNotFoundException",
-        "AccessDeniedException",
-        "AccessDenied",
-        "UnrecognizedClientException",
-        "InvalidSignatureException",
-        "IncompleteSignature",
-        "MissingAuthenticationToken",
-        "ExpiredTokenException",
-        "InvalidClientTokenId",
-    }
-)
-REJECTED_CODES = frozenset(
-    {
-        "ValidationException",
-        "SerializationException",
-        "ItemCollectionSizeLimitExceededException",
-        # SSM
-        "ParameterLimitExceeded",
-        "ParameterMaxVersionLimitExceeded",
-        "HierarchyLevelLimitExceededException",
-        "HierarchyTypeMismatchException",
-        "InvalidAllowedPatternException",
-        "UnsupportedParameterType",
-        "ParameterPatternMismatchException",
-    }
-)
-
-
-def error_code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
+_STORE_ERRORS = {
+    ErrorKind.THROTTLED: StoreThrottled,
+    ErrorKind.UNAVAILABLE: StoreUnavailable,
+    ErrorKind.MISCONFIGURED: StoreMisconfigured,
+    ErrorKind.REJECTED: ChangeRejected,
+    ErrorKind.OTHER: StoreError,
+}
 
 
 def translate(error: BotoCoreError | ClientError, *, store: str, operation: str) -> StoreError:
     """Our error for a botocore one; callers ``raise translate(e, …) from e``."""
-    if isinstance(error, ClientError):
-        code = error_code(error)
-        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        message = f"{store} {operation} failed: {code}: {error.response.get('Error', {}).get('Message', '')}"
-        if code in THROTTLING_CODES:
-            return StoreThrottled(message, store=store, operation=operation, code=code)
-        if code in UNAVAILABLE_CODES or status >= 500:
-            return StoreUnavailable(message, store=store, operation=operation, code=code)
-        if code in MISCONFIGURED_CODES:
-            return StoreMisconfigured(message, store=store, operation=operation, code=code)
-        if code in REJECTED_CODES:
-            return ChangeRejected(message, store=store, operation=operation, code=code)
-        return StoreError(message, store=store, operation=operation, code=code)
-    message = f"{store} {operation} failed: {type(error).__name__}: {error}"
-    if isinstance(error, (HTTPClientError, BotoConnectionError)):
-        return StoreUnavailable(message, store=store, operation=operation, code=type(error).__name__)
-    return StoreError(message, store=store, operation=operation, code=type(error).__name__)
+    failure = classify(error)
+    detail = f"{failure.code}: {failure.message}" if isinstance(error, ClientError) else f"{failure.code}: {error}"
+    message = f"{store} {operation} failed: {detail}"
+    return _STORE_ERRORS[failure.kind](message, store=store, operation=operation, code=failure.code)
+
+
+__all__ = ["error_code", "translate"]
