@@ -15,7 +15,9 @@ from typing import Any
 import jwt
 
 TIERS = ("basic", "premium", "enterprise")
-SCOPES = frozenset({"events:write", "events:read", "config:read", "admin"})
+#: ``config:replicate`` lets a config server's ``Watch`` span every tenant: for chaining
+#: servers, never for services, which read their own tenant's keys with ``config:read``.
+SCOPES = frozenset({"events:write", "events:read", "config:read", "config:replicate", "admin"})
 
 _HMAC_ALGORITHMS = ["HS256"]
 _JWKS_ALGORITHMS = ["RS256", "ES256"]
