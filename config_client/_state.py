@@ -131,7 +131,10 @@ class CacheStats:
 def _timestamp(message: config_pb2.Entry | config_pb2.Change) -> datetime | None:
     if not message.HasField("updated_at"):
         return None
-    return message.updated_at.ToDatetime(tzinfo=UTC)
+    try:
+        return message.updated_at.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as e:
+        raise ProtocolError(f"key {message.key!r}: updated_at is not a valid timestamp") from e
 
 
 def _decode(key: str, value_json: str) -> Any:
@@ -246,17 +249,24 @@ class Replica:
         return events
 
     def apply_change(self, change: config_pb2.Change) -> ChangeEvent | None:
-        """Apply one change if its version is above the key's; the event, or ``None`` if a repeat."""
+        """Apply one change if its version is above the key's; the event, or ``None`` if a repeat.
+
+        A change that cannot be decoded raises :class:`ProtocolError` before anything moves,
+        the position included, so the watch resumes before it rather than past it.
+        """
         if change.kind not in (config_pb2.Change.SET, config_pb2.Change.DELETE):
             raise ProtocolError(f"key {change.key!r}: change of unspecified kind")
         key = change.key
-        self.position = change.position if self.position is None else max(self.position, change.position)
         held = self._items.get(key)
         deleted = self._gone.get(key)
-        if held is not None and change.version <= held.version:
-            return None
-        if deleted is not None and change.version <= deleted[0]:
-            return None
+        event: ChangeEvent | None = None
+        if (held is None or change.version > held.version) and (deleted is None or change.version > deleted[0]):
+            event = self._apply(change, held)
+        self.position = change.position if self.position is None else max(self.position, change.position)
+        return event
+
+    def _apply(self, change: config_pb2.Change, held: Item | None) -> ChangeEvent | None:
+        key, updated_at = change.key, _timestamp(change)
         if change.kind == config_pb2.Change.DELETE:
             with self._lock:
                 self._items.pop(key, None)
@@ -270,14 +280,14 @@ class Replica:
                 version=change.version,
                 position=change.position,
                 deleted=True,
-                updated_at=_timestamp(change),
+                updated_at=updated_at,
             )
         item = Item(
             key=key,
             value=_decode(key, change.value_json),
             version=change.version,
             position=change.position,
-            updated_at=_timestamp(change),
+            updated_at=updated_at,
             tenant=change.tenant,
         )
         with self._lock:

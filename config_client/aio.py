@@ -30,6 +30,7 @@ from config_client._backoff import Backoff
 from config_client._state import CacheReads, ChangeEvent, State, TokenSource, WatchCore, bearer, check_prefixes
 from config_client.errors import (
     CacheClosed,
+    Disconnected,
     NotReady,
     ProtocolError,
     Stalled,
@@ -166,7 +167,13 @@ class AsyncConfigCache(CacheReads):
             while not self._closed:
                 if channel is None:
                     channel = self._channel()
-                delay, fresh_channel = await self._watch_once(config_pb2_grpc.ConfigServiceStub(channel))
+                try:
+                    delay, fresh_channel = await self._watch_once(config_pb2_grpc.ConfigServiceStub(channel))
+                except Exception as e:
+                    # Not a status nor a protocol breach (a library or SDK bug): the task must
+                    # not die silently while readers trust the cache, so it shows and retries.
+                    log.exception("config watch of %s failed unexpectedly", self._target)
+                    delay, fresh_channel = self._core.failed(Disconnected(None, f"unexpected {e!r}")), True
                 if fresh_channel:
                     # A failed channel keeps its own reconnect backoff (up to minutes), which
                     # would hold back ours: the next attempt dials afresh.

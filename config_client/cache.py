@@ -28,6 +28,7 @@ from config_client._backoff import Backoff
 from config_client._state import CacheReads, ChangeEvent, State, TokenSource, WatchCore, bearer, check_prefixes
 from config_client.errors import (
     CacheClosed,
+    Disconnected,
     NotReady,
     ProtocolError,
     Stalled,
@@ -62,6 +63,10 @@ class ConfigCache(CacheReads):
     tries again; with a token callable, an authentication or permission failure is also tried
     again after ``auth_retry_after`` seconds, in case the callable has a fresh token by then.
     Invalid prefixes are never retried. Meanwhile the last known values are served.
+
+    ``on_change`` is called once per applied change: for every key of the first snapshot, then
+    for each change whose version is above the one held (repeats are dropped), and for the
+    keys a later snapshot (after a resync) sets, changes or no longer holds.
 
     ``rand`` and ``clock`` drive the backoff's jitter and the ``age`` (tests inject them).
     """
@@ -190,7 +195,13 @@ class ConfigCache(CacheReads):
             while not self._stop.is_set():
                 if channel is None:
                     channel = self._channel()
-                delay, fresh_channel = self._watch_once(config_pb2_grpc.ConfigServiceStub(channel))
+                try:
+                    delay, fresh_channel = self._watch_once(config_pb2_grpc.ConfigServiceStub(channel))
+                except Exception as e:
+                    # Not a status nor a protocol breach (a library or SDK bug): the thread must
+                    # not die silently while readers trust the cache, so it shows and retries.
+                    log.exception("config watch of %s failed unexpectedly", self._target)
+                    delay, fresh_channel = self._core.failed(Disconnected(None, f"unexpected {e!r}")), True
                 if fresh_channel:
                     # A failed channel keeps its own reconnect backoff (up to minutes), which
                     # would hold back ours: the next attempt dials afresh.

@@ -619,6 +619,48 @@ def test_a_change_inside_a_snapshot_is_a_protocol_error_and_the_watch_starts_ove
     assert cache.stats().failures == 1
 
 
+def test_a_value_or_timestamp_the_sdk_cannot_decode_is_a_protocol_error_and_retried(
+    server: ScriptedServer, make_cache: CacheFactory
+) -> None:
+    bad_time = set_("t", 1, 1, 12)
+    bad_time.change.updated_at.seconds = 10**15
+    bad_json = set_("j", 1, 1, 13)
+    bad_json.change.value_json = "{not json"
+    server.service.script(snapshot(10, entry("a", 1, 1, 5)), bad_time)
+    server.service.script(bad_json)
+    cache = make_cache()
+    third = server.service.call(3)
+    assert (server.service.call(2).since, third.since) == (10, 10)
+    assert cache.stats().failures == 2
+    assert cache.get(PREFIX + "t") is None
+    third.push(set_("t", 1, 1, 12), progress(14))
+    cache.wait_ready(10)
+    assert values(cache) == {"a": 1, "t": 1}
+
+
+def test_an_unexpected_error_in_the_sdk_is_shown_and_retried_not_fatal(
+    server: ScriptedServer, make_cache: CacheFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Replica.progress
+    raised: list[int] = []
+
+    def progress_once(self: Replica, position: int) -> None:
+        if not raised:
+            raised.append(position)
+            raise RuntimeError("an SDK bug")
+        original(self, position)
+
+    monkeypatch.setattr(Replica, "progress", progress_once)
+    server.service.script(snapshot(10, entry("a", 1, 1, 5)), progress(11))
+    cache = make_cache()
+    second = server.service.call(2)
+    assert second.since == 10
+    assert "RuntimeError" in str(cache.last_error)
+    second.push(progress(12))
+    cache.wait_ready(10)
+    assert cache.position == 12
+
+
 def test_close_stops_watching_and_keeps_the_values(server: ScriptedServer, make_cache: CacheFactory) -> None:
     server.service.script(snapshot(10, entry("a", 1, 1, 5)))
     cache = make_cache()
