@@ -23,8 +23,13 @@ ENV_URL = "TAGBUS_BENCH_DATABASE_URL"
 
 
 def discover() -> list[str]:
-    """Benchmark module names of this package, in name order (``ingest`` first)."""
-    names = sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+    """Benchmark module names of this package, in name order (``ingest`` first).
+
+    A module named ``<name>_<part>`` beside a module ``<name>`` is one of that benchmark's
+    helpers (``config_watch_watchers`` of ``config_watch``), not a benchmark of its own.
+    """
+    every = {m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_")}
+    names = sorted(n for n in every if not any(n.startswith(f"{other}_") for other in every))
     return sorted(names, key=lambda n: n != "ingest")
 
 
