@@ -8,7 +8,7 @@ Adding a tag is one adapter module plus one line at the composition root::
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from kernel.envelope import StoredEvent
@@ -144,6 +144,22 @@ class TagRouter:
         if not sep:
             raise InvalidConfigKey(prefix, "a prefix starts with '<tag>:'")
         return self.store_for(tag).list(tenant, prefix, limit=limit, start_after=start_after)
+
+    def scan(self) -> Iterator[ConfigChange]:
+        """Every key of every tenant in every registered store, tombstones included (a snapshot).
+
+        The stores one after another, each once even when it serves several tags; a store's
+        item whose tag is routed elsewhere (or nowhere) is not its to report and is left out.
+        """
+        seen: list[ConfigStore] = []
+        for tag in sorted(self._stores):
+            store = self._stores[tag]
+            if any(store is other for other in seen):
+                continue
+            seen.append(store)
+            for change in store.scan():
+                if self._stores.get(change.key.tag) is store:
+                    yield change
 
 
 _OUTCOMES = {

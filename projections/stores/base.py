@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -81,5 +81,17 @@ class ConfigStore(Protocol):
 
         ``prefix`` includes the tag (``"tenantconfig:app/"``). ``start_after`` is exclusive;
         ``next_token`` is ``None`` on the last page.
+        """
+        ...
+
+    def scan(self) -> Iterator[ConfigChange]:
+        """Every key of every tenant with its latest state, tombstones included, in no set order.
+
+        What a config server loads as its snapshot: each key as the change that put it in its
+        current state (``version``, ``position``, ``updated_at``, ``deleted``; ``value`` is
+        ``None`` on a tombstone). Lazy, page by page; not a point-in-time snapshot, but every
+        key is at least as new as it was when the scan started, since keys never go backwards.
+        Raises :class:`~projections.errors.StoreError` when the store cannot be read; items
+        the store did not write (or cannot parse) are logged and passed over.
         """
         ...

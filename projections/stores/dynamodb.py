@@ -47,10 +47,11 @@ generation after its grace period) makes the store look the alias up again and r
 from __future__ import annotations
 
 import functools
+import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -84,6 +85,8 @@ _CONDITION_NAMES = {"#pk": "pk", "#version": "version"}
 _STORE = "dynamodb"
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def _utcnow() -> datetime:
@@ -544,6 +547,27 @@ class DynamoDBConfigStore:
             return ConfigPage(tuple(page), str(page[-1].key))
         return ConfigPage(tuple(found), None)
 
+    def scan(self) -> Iterator[ConfigChange]:
+        """Every item of the table the alias points to now, tombstones included (a paginated ``Scan``).
+
+        The table is resolved once, when the scan starts: a scan that outlives an alias switch
+        finishes on the generation it began with, whose keys were all current when it began.
+        """
+        request: dict[str, Any] = {"TableName": self.current_table(), "ConsistentRead": True}
+        while True:
+            try:
+                response = self._client.scan(**request)
+            except (BotoCoreError, ClientError) as e:
+                raise translate(e, store=_STORE, operation="Scan") from e
+            for item in response.get("Items", []):
+                change = _scanned_change(item)
+                if change is not None:
+                    yield change
+            last = response.get("LastEvaluatedKey")
+            if not last:
+                return
+            request["ExclusiveStartKey"] = last
+
 
 def _ensure(
     client: DynamoDBClient, name: str, keys: Sequence[tuple[str, Literal["HASH", "RANGE"]]], *, wait: bool
@@ -587,8 +611,11 @@ def _rounds(changes: Sequence[ConfigChange]) -> list[list[tuple[int, ConfigChang
     return rounds
 
 
+_PK_PREFIX = "TENANT#"
+
+
 def _pk(tenant: str) -> str:
-    return f"TENANT#{tenant}"
+    return f"{_PK_PREFIX}{tenant}"
 
 
 def _config_item(item: dict[str, Any]) -> ConfigItem:
@@ -601,3 +628,25 @@ def _config_item(item: dict[str, Any]) -> ConfigItem:
         )
     except (KeyError, ValueError, ProjectionError) as e:
         raise StoreError(f"malformed item in the config table: {item.get('sk')}", store=_STORE) from e
+
+
+def _scanned_change(item: dict[str, Any]) -> ConfigChange | None:
+    """The change an item holds, tombstones included; ``None`` (logged) for an item we cannot read."""
+    try:
+        pk = item["pk"]["S"]
+        if not pk.startswith(_PK_PREFIX):
+            raise ValueError(f"partition key {pk!r} is not {_PK_PREFIX}<tenant>")
+        deleted = bool(item.get("deleted", {}).get("BOOL", False))
+        return ConfigChange(
+            tenant=pk[len(_PK_PREFIX) :],
+            key=ConfigKey.parse(item["sk"]["S"]),
+            value=None if deleted else orjson.loads(item["value"]["S"]),
+            version=int(item["version"]["N"]),
+            position=int(item.get("position", {}).get("N", "0")),
+            updated_at=datetime.fromisoformat(item["updated_at"]["S"]),
+            deleted=deleted,
+        )
+    except (KeyError, ValueError, ProjectionError) as e:
+        pk, sk = item.get("pk", {}).get("S"), item.get("sk", {}).get("S")
+        log.warning("config table item %s / %s is not one tagbus wrote: %s: %s", pk, sk, type(e).__name__, e)
+        return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -75,6 +75,20 @@ class MemoryConfigStore:
         )
         next_token = page[-1][0] if len(matching) > limit else None
         return ConfigPage(items, next_token)
+
+    def scan(self) -> Iterator[ConfigChange]:
+        with self._lock:
+            entries = list(self._entries.items())
+        for (tenant, key), e in entries:
+            yield ConfigChange(
+                tenant=tenant,
+                key=ConfigKey.parse(key),
+                value=e.value,
+                version=e.version,
+                position=e.position,
+                updated_at=e.updated_at,
+                deleted=e.deleted,
+            )
 
     def entries(self, tenant: str) -> dict[str, StoredEntry]:
         """Every key of a tenant, tombstones included (for tests and debugging)."""

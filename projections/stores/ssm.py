@@ -37,11 +37,12 @@ One store serves one tag (``paramconfig``): the tag is not part of the name.
 from __future__ import annotations
 
 import builtins
+import functools
 import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -338,6 +339,42 @@ class SSMConfigStore:
         for page in pages:
             found.extend((p["Name"], p.get("Value", "")) for p in page.get("Parameters", []))
         return found
+
+    def scan(self) -> Iterator[ConfigChange]:
+        """Every parameter under the root (``GetParametersByPath``, recursive), tombstones included.
+
+        A page that SSM throttles is asked for again with backoff, like every other call here.
+        """
+        request: dict[str, Any] = {"Path": self.root, "Recursive": True, "WithDecryption": False, "MaxResults": 10}
+        while True:
+            page = self._call("GetParametersByPath", functools.partial(self._client.get_parameters_by_path, **request))
+            for parameter in page.get("Parameters", []):
+                change = self._scanned_change(parameter["Name"], parameter.get("Value", ""))
+                if change is not None:
+                    yield change
+            token = page.get("NextToken")
+            if not token:
+                return
+            request["NextToken"] = token
+
+    def _scanned_change(self, name: str, value: str) -> ConfigChange | None:
+        tenant, _, path = name[len(self.root) + 1 :].partition("/")
+        envelope = Envelope.decode(value)
+        try:
+            if envelope is None:
+                raise ValueError("the value is not a tagbus envelope")
+            return ConfigChange(
+                tenant=tenant,
+                key=ConfigKey(self.tag, path),
+                value=envelope.value,
+                version=envelope.version,
+                position=envelope.position,
+                updated_at=datetime.fromisoformat(envelope.updated_at),
+                deleted=envelope.deleted,
+            )
+        except (ValueError, ProjectionError) as e:
+            log.warning("parameter %s is not one tagbus wrote: %s", name, e)
+            return None
 
 
 def _item(key: ConfigKey, envelope: Envelope | None) -> ConfigItem | None:

@@ -175,3 +175,28 @@ class ConfigStoreSuite:
         # b's newer version of the same key never affects a
         store.apply([change(b, f"{tag}:shared/k", 9, deleted=True)])
         assert store.get(a, ConfigKey(tag, "shared/k")) is not None
+
+    def test_scan_holds_every_key_with_its_latest_state_and_tombstones(self, store: ConfigStore, tag: str) -> None:
+        a, b = new_tenant("a"), new_tenant("b")
+        store.apply([change(a, f"{tag}:x/one", 1, {"n": 1}), change(a, f"{tag}:gone", 1, "v")])
+        store.apply(
+            [
+                change(a, f"{tag}:x/one", 2, [2.5, None, {"deep": True}]),
+                change(a, f"{tag}:gone", 3, deleted=True),
+                change(a, f"{tag}:never/set", 4, deleted=True),
+                change(b, f"{tag}:x/one", 7, "b's", position=9),
+            ]
+        )
+        store.apply([change(a, f"{tag}:x/one", 1, "late")])  # older: changes nothing
+        found: dict[tuple[str, str], ConfigChange] = {}
+        for scanned in store.scan():
+            if scanned.tenant in (a, b):
+                slot = (scanned.tenant, str(scanned.key))
+                assert slot not in found, f"{slot} scanned twice"
+                found[slot] = scanned
+        assert found == {
+            (a, f"{tag}:x/one"): change(a, f"{tag}:x/one", 2, [2.5, None, {"deep": True}]),
+            (a, f"{tag}:gone"): change(a, f"{tag}:gone", 3, deleted=True),
+            (a, f"{tag}:never/set"): change(a, f"{tag}:never/set", 4, deleted=True),
+            (b, f"{tag}:x/one"): change(b, f"{tag}:x/one", 7, "b's", position=9),
+        }

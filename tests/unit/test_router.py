@@ -253,3 +253,29 @@ def test_stale_store_outcome_maps_to_stale() -> None:
     assert change is not None
     store.apply([change])
     assert store.apply([change]).results[0].outcome is Outcome.STALE
+
+
+def test_scan_chains_the_stores_once_each_and_keeps_only_routed_tags() -> None:
+    router, _, paramconfig = make_router()
+    shared = MemoryConfigStore()
+    router.register("shared", shared)
+    router.register("alsoshared", shared)
+    router.apply(
+        [
+            config_event("acme", "tenantconfig:a", 1, "x"),
+            config_event("acme", "tenantconfig:a", 2, deleted=True),
+            config_event("globex", "paramconfig:p/q", 3, [1]),
+            config_event("acme", "shared:s", 1, "s"),
+            config_event("acme", "alsoshared:t", 1, "t"),
+        ]
+    )
+    # An item of a tag the router sends elsewhere is not this store's to report.
+    paramconfig.apply([ConfigChange("acme", ConfigKey("tenantconfig", "stray"), "no", 9, 90, T0)])
+    scanned = sorted(router.scan(), key=lambda c: (c.tenant, str(c.key)))
+    assert [(c.tenant, str(c.key), c.version, c.value, c.deleted) for c in scanned] == [
+        ("acme", "alsoshared:t", 1, "t", False),
+        ("acme", "shared:s", 1, "s", False),
+        ("acme", "tenantconfig:a", 2, None, True),
+        ("globex", "paramconfig:p/q", 3, [1], False),
+    ]
+    assert scanned[2].position == 20 and scanned[2].updated_at == T0 + timedelta(seconds=2)

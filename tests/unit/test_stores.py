@@ -316,3 +316,51 @@ def test_botocore_errors_are_translated_by_code(code: str, status: int, expected
     translated = translate(error, store="dynamodb", operation="PutItem")
     assert type(translated) is expected
     assert translated.code == code
+
+
+def test_dynamodb_scan_pages_through_the_aliased_table_and_skips_foreign_items(
+    dynamodb_client: DynamoDBClient, dynamodb_table: str
+) -> None:
+    alias_table = f"tagbus-aliases-test-{uuid.uuid4().hex[:8]}"
+    logical = f"tagbus-logical-{uuid.uuid4().hex[:8]}"
+    store = DynamoDBConfigStore(dynamodb_client, table_name=logical, alias_table=alias_table, clock=lambda: STORE_NOW)
+    assert store.alias is not None
+    store.alias.ensure_table()
+    try:
+        store.alias.switch(store.alias.read(), dynamodb_table, 1)
+        tenant = new_tenant()
+        changes = [change(tenant, f"tenantconfig:p/{n}", n + 1, n) for n in range(7)]
+        store.apply([*changes, change(tenant, "tenantconfig:p/gone", 2, deleted=True)])
+        dynamodb_client.put_item(
+            TableName=dynamodb_table, Item={"pk": {"S": "NOT-A-TENANT"}, "sk": {"S": f"{tenant}:x"}}
+        )
+        dynamodb_client.put_item(
+            TableName=dynamodb_table,
+            Item={"pk": {"S": f"TENANT#{tenant}"}, "sk": {"S": "tenantconfig:p/broken"}, "version": {"N": "1"}},
+        )
+        requests: list[dict[str, Any]] = []
+
+        def small_pages(params: dict[str, Any], **_: Any) -> None:
+            params["Limit"] = 3
+            requests.append(dict(params))
+
+        dynamodb_client.meta.events.register("provide-client-params.dynamodb.Scan", small_pages)
+        try:
+            scanned = [c for c in store.scan() if c.tenant == tenant]
+        finally:
+            dynamodb_client.meta.events.unregister("provide-client-params.dynamodb.Scan", small_pages)
+        assert {r["TableName"] for r in requests} == {dynamodb_table}
+        assert len(requests) > 3 and all(r["ConsistentRead"] for r in requests)
+        expected = [*changes, change(tenant, "tenantconfig:p/gone", 2, deleted=True)]
+        assert sorted(scanned, key=lambda c: str(c.key)) == sorted(expected, key=lambda c: str(c.key))
+    finally:
+        dynamodb_client.delete_table(TableName=alias_table)
+        dynamodb_client.delete_item(
+            TableName=dynamodb_table, Key={"pk": {"S": "NOT-A-TENANT"}, "sk": {"S": f"{tenant}:x"}}
+        )
+
+
+def test_dynamodb_scan_of_a_missing_table_is_misconfigured(dynamodb_client: DynamoDBClient) -> None:
+    store = DynamoDBConfigStore(dynamodb_client, table_name=f"tagbus-missing-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(StoreMisconfigured):
+        list(store.scan())
