@@ -7,15 +7,20 @@ by ``tagbus up``) fills in whatever the environment does not set, so the CLI wor
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from event_bus.settings import BusSettings
 from kernel.auth import DEFAULT_AUDIENCE, AuthSettings
 from tailer.settings import TailerSettings
+
+if TYPE_CHECKING:
+    from config_server.settings import ConfigServerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_DATABASE_URL = "postgresql://tagbus:tagbus@127.0.0.1:55432/tagbus"
@@ -47,6 +52,27 @@ class Settings:
 
     def tailer(self) -> TailerSettings:
         return TailerSettings(database_url=self.database_url, stream_name=self.stream_name)
+
+    def config_server(self) -> ConfigServerSettings:
+        """The config server's settings: its ports, and its tuning from ``TAGBUS_CONFIG_<FIELD>``.
+
+        Every bound of :class:`ConfigServerSettings` can be set by its name in capitals, e.g.
+        ``TAGBUS_CONFIG_HISTORY_SIZE`` or ``TAGBUS_CONFIG_GRPC_HOST`` (``0.0.0.0`` off a laptop).
+        """
+        from config_server.settings import ConfigServerSettings
+
+        tuning: dict[str, object] = {}
+        for spec in dataclasses.fields(ConfigServerSettings):
+            if spec.name in _PORT_FIELDS:
+                continue
+            name = f"TAGBUS_CONFIG_{spec.name.upper()}"
+            text = self.environ.get(name)
+            if text:
+                tuning[spec.name] = _typed(name, text, type(spec.default))
+        try:
+            return ConfigServerSettings(grpc_port=self.grpc_port, http_port=self.config_http_port, **tuning)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise SettingsError(f"config server settings: {e}") from e
 
     @property
     def base_url(self) -> str:
@@ -115,6 +141,18 @@ def load(environ: Mapping[str, str] | None = None, *, home: Path | None = None) 
         config_http_port=_port(env, "TAGBUS_CONFIG_HTTP_PORT", 8081),
         config_upstream=_upstream(env.get("TAGBUS_CONFIG_UPSTREAM")),
     )
+
+
+#: Fields of :class:`ConfigServerSettings` set from the stack's port variables instead.
+_PORT_FIELDS = frozenset({"grpc_port", "http_port"})
+
+
+def _typed(name: str, text: str, kind: type) -> object:
+    try:
+        return kind(text)
+    except ValueError as e:
+        what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise SettingsError(f"{name} must be {what}, not {text!r}") from e
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:

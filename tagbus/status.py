@@ -1,4 +1,4 @@
-"""``tagbus status``: is progress moving? Slot lag, event counts, dead letters."""
+"""``tagbus status``: is progress moving? Slot lag, event counts, dead letters, the config server's lag."""
 
 from __future__ import annotations
 
@@ -37,28 +37,51 @@ def show(settings: Settings, console: Console) -> None:
     for name, value in _tailer_progress(settings):
         table.add_row(name, value)
     table.add_row("dead letters", _dead_letters(settings))
+    for name, value in _config_server_progress(settings):
+        table.add_row(name, value)
     console.print(table)
 
 
-def _tailer_progress(settings: Settings) -> list[tuple[str, str]]:
-    """What the running tailer says on its /metrics: is progress moving?"""
+def _metrics(url: str) -> dict[str, float] | None:
+    """A /metrics page as name → value, label sets summed; ``None`` when nothing answers."""
     import urllib.error
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    url = f"http://127.0.0.1:{settings.environ.get('TAGBUS_TAILER_METRICS_PORT', '9464')}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             text = response.read().decode()
     except (urllib.error.URLError, OSError):
+        return None
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+def _config_server_progress(settings: Settings) -> list[tuple[str, str]]:
+    """What the config server says on its /metrics: how far it has read, how far behind it is."""
+    url = f"{settings.config_base_url}/metrics"
+    values = _metrics(url)
+    if values is None:
+        return [("config server", f"[yellow]no metrics at {url}[/yellow]")]
+    ready = values.get("config_server_ready", 0.0) >= 1
+    return [
+        ("config server", "ready" if ready else "[yellow]catching up[/yellow]"),
+        ("config position", f"{values.get('config_server_position', 0):,.0f}"),
+        ("config source lag", f"{values.get('config_server_source_lag_seconds', 0):,.1f} s"),
+        ("config watch streams", f"{values.get('config_server_streams_open', 0):,.0f}"),
+    ]
+
+
+def _tailer_progress(settings: Settings) -> list[tuple[str, str]]:
+    """What the running tailer says on its /metrics: is progress moving?"""
+    url = f"http://127.0.0.1:{settings.environ.get('TAGBUS_TAILER_METRICS_PORT', '9464')}/metrics"
+    values = _metrics(url)
+    if values is None:
         return [("tailer", f"[yellow]no metrics at {url}[/yellow]")]
-    values = {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if not sample.labels
-    }
     now = datetime.now(UTC).timestamp()
 
     def ago(name: str) -> str:
