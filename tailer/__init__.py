@@ -15,6 +15,7 @@ Modules, one part each (this package re-exports their public names):
 - ``stream`` — :class:`ReplicationStream` (``START_REPLICATION … LOGICAL``; why, in its docstring);
 - ``slot`` — :class:`SlotReader`, :class:`TailerLock`, slot status and URL helpers;
 - ``decoder`` — :class:`ChangeDecoder`; ``sink`` — :class:`RecordSink`, :class:`NullSink`;
+- ``recovery`` — a lost slot recreated, and the events table republished from where it was;
 - ``publisher`` — :class:`KinesisPublisher`; ``runner`` — :class:`LogTailer`, :func:`run_tailer`.
 
 Parts, each small:
@@ -37,6 +38,7 @@ Errors::
     ├── DatabaseUnavailableError     connection lost or refused (retried by run())
     │   └── SlotBusyError            slot in use by another session (retried by run())
     ├── SlotConfigurationError       slot exists with another plugin/database, wal_level wrong
+    ├── SlotLostError                slot dropped or invalidated (recreated and republished by run())
     ├── LockUnavailableError         run_once() while another tailer holds the lock
     ├── EventDecodeError             a WAL row cannot become a StoredEvent (fatal)
     ├── OversizeRecordError          an event's record exceeds Kinesis' 1 MiB (fatal, loud)
@@ -62,6 +64,7 @@ from tailer.errors import (
     PublishInterruptedError,
     SlotBusyError,
     SlotConfigurationError,
+    SlotLostError,
     TailerError,
 )
 from tailer.metrics import (
@@ -121,6 +124,7 @@ __all__ = [
     "ReplicationStream",
     "SlotBusyError",
     "SlotConfigurationError",
+    "SlotLostError",
     "SlotReader",
     "SlotStatus",
     "TailerError",

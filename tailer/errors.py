@@ -21,6 +21,14 @@ class SlotConfigurationError(TailerError):
     """The slot cannot be used as configured (wrong plugin or database, wal_level too low)."""
 
 
+class SlotLostError(TailerError):
+    """The server refused to stream the slot: it was dropped, or invalidated (its WAL removed).
+
+    :class:`~tailer.LogTailer` checks which in ``pg_replication_slots``, then recreates the
+    slot and republishes from the events table what it may not have delivered.
+    """
+
+
 class LockUnavailableError(TailerError):
     """Another tailer holds the advisory lock; only the holder may read the slot."""
 

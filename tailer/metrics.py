@@ -50,6 +50,17 @@ class TailerMetrics:
             "Unix time the slot last advanced (heartbeats included): progress is moving.",
             registry=registry,
         )
+        self.slot_recreated = Counter(
+            "tagbus_tailer_slot_recreated",
+            "Times the replication slot was lost (invalidated or dropped) and recreated, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.events_republished = Counter(
+            "tagbus_tailer_events_republished",
+            "Events republished from the events table after the slot was lost (counted as published too).",
+            registry=registry,
+        )
         self.commit_to_ack_seconds = Histogram(
             "tagbus_tailer_commit_to_ack_seconds",
             "Seconds from a transaction's commit to the acknowledgement of its events.",

@@ -40,7 +40,9 @@ import psycopg
 from psycopg import sql
 
 from kernel.schema import stored_event
-from tailer import DatabaseUnavailableError, RecordSink, libpq_url
+from tailer.errors import DatabaseUnavailableError
+from tailer.sink import RecordSink
+from tailer.slot import libpq_url
 
 #: Events handed to the publisher at once: one full PutRecords request.
 DEFAULT_CHUNK_SIZE: Final = 500

@@ -17,10 +17,17 @@ from prometheus_client import CollectorRegistry
 
 from kernel.gc_tuning import quiet_collector
 from tailer.decoder import ChangeDecoder, DecodedTransaction
-from tailer.errors import DatabaseUnavailableError, LockUnavailableError, PublishInterruptedError
+from tailer.errors import (
+    DatabaseUnavailableError,
+    LockUnavailableError,
+    PublishInterruptedError,
+    SlotConfigurationError,
+    SlotLostError,
+)
 from tailer.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, TailerMetrics, start_metrics_server
 from tailer.pgoutput import format_lsn
 from tailer.publisher import KinesisClient, KinesisPublisher
+from tailer.recovery import SlotLoss, find_loss, recover_slot
 from tailer.settings import TailerSettings
 from tailer.sink import RecordSink, prepared_publish
 from tailer.slot import ADVISORY_LOCK_KEY, SlotReader, SlotStatus, TailerLock, libpq_url, mask_database_url
@@ -132,6 +139,8 @@ class LogTailer:
             )
         self.sink = sink
         url = libpq_url(settings.database_url)
+        self._url = url
+        self._table = table
         self._reader = SlotReader(url, settings.slot_name, settings.publication)
         self._stream = ReplicationStream(url, settings.slot_name, settings.publication)
         self._lock = TailerLock(url, key=lock_key)
@@ -152,6 +161,11 @@ class LogTailer:
         self._last_status = float("-inf")
         self._last_progress = time.monotonic()
         self._slot_ready = False
+        #: The slot's catalog_xmin when this tailer last read it: where a republish starts if
+        #: the slot is dropped (kept across close(): a reconnect must still know it).
+        self._horizon_xid: int | None = None
+        #: Why the server last refused to stream the slot, until the next activation looks.
+        self._refused: SlotLostError | None = None
         self._in_flight_limit = max(1, in_flight)
         self._in_flight: deque[_InFlight] = deque()
         self._publishers: ThreadPoolExecutor | None = None
@@ -189,11 +203,55 @@ class LogTailer:
         if not self._lock.try_acquire():
             return False
         if not self._slot_ready:
-            if self._reader.ensure_slot():
-                LOG.info("created replication slot %s (pgoutput)", self.settings.slot_name)
+            self._prepare_slot()
             self._slot_ready = True
             self._last_lock_check = time.monotonic()
         return True
+
+    def _prepare_slot(self) -> None:
+        """Make the slot ready to stream: create it on a first start, recreate it when lost."""
+        refused, self._refused = self._refused, None
+        status = self._reader.status()
+        loss = find_loss(self._reader, status, remembered_horizon=self._horizon_xid)
+        if loss is not None:
+            self._recover(loss)
+        elif refused is not None and status is not None:
+            # The server refused a slot that is there and keeps its WAL: a misconfiguration.
+            raise SlotConfigurationError(str(refused)) from refused
+        elif self._reader.ensure_slot():
+            LOG.info("created replication slot %s (pgoutput)", self.settings.slot_name)
+        self._remember(self._reader.status())
+
+    def _recover(self, loss: SlotLoss) -> None:
+        """Recreate the slot and republish from the events table what it may not have delivered."""
+        self._close_stream()
+        confirmed = format_lsn(loss.confirmed_flush_lsn) if loss.confirmed_flush_lsn is not None else "unknown"
+        LOG.error(
+            "replication slot %s is lost (%s; confirmed up to %s): recreating it and republishing from the "
+            "events table every stream with an event from transaction %d on",
+            self.settings.slot_name,
+            _LOSS_REASONS.get(loss.reason, loss.reason),
+            confirmed,
+            loss.horizon_xid,
+        )
+        recovery = recover_slot(self._url, self._reader, loss, self.sink, table=self._table)
+        self.metrics.slot_recreated.labels(reason=loss.reason).inc()
+        self.metrics.events_republished.inc(recovery.events)
+        self.metrics.events_published.inc(recovery.events)
+        self._advanced()
+        LOG.error(
+            "replication slot %s recreated at %s: republished %d events of %d streams from the events table "
+            "in %.1fs; relaying from the new slot",
+            self.settings.slot_name,
+            format_lsn(recovery.start_lsn),
+            recovery.events,
+            recovery.streams,
+            recovery.seconds,
+        )
+
+    def _remember(self, status: SlotStatus | None) -> None:
+        if status is not None and status.wal_status != "lost" and status.catalog_xmin is not None:
+            self._horizon_xid = status.catalog_xmin
 
     # -- one cycle
 
@@ -295,7 +353,7 @@ class LogTailer:
         except BaseException as exc:
             # What was read but not confirmed is read again from the slot: restart the stream.
             # A failure that is not retried stops the publishes still in flight too.
-            self._abandon_in_flight(stop=not isinstance(exc, DatabaseUnavailableError))
+            self._abandon_in_flight(stop=not isinstance(exc, DatabaseUnavailableError | SlotLostError))
             self._close_stream()
             raise
         self._refresh_status()
@@ -439,7 +497,13 @@ class LogTailer:
     def _started_stream(self) -> ReplicationStream:
         if not self._stream.started:
             self._decoder.reset()
-            self._stream.start()
+            try:
+                self._stream.start()
+            except SlotLostError as exc:
+                # The next activation looks at the slot again, and recovers it if it is lost.
+                self._slot_ready = False
+                self._refused = exc
+                raise
         return self._stream
 
     def _close_stream(self) -> None:
@@ -493,7 +557,7 @@ class LogTailer:
         try:
             while not stop.is_set():
                 try:
-                    if not self.active:
+                    if not self.active or not self._slot_ready:
                         if not self.try_activate():
                             if not waiting_logged:
                                 LOG.info("another tailer is active; waiting for the lock")
@@ -515,6 +579,8 @@ class LogTailer:
                         self.emit_heartbeat()
                 except PublishInterruptedError:
                     break
+                except SlotLostError:
+                    continue  # the next activation recovers the slot
                 except DatabaseUnavailableError as exc:
                     failures += 1
                     delay = random.random() * min(self._reconnect_cap, 0.2 * 2**failures)
@@ -555,6 +621,7 @@ class LogTailer:
         status = self._reader.status()
         if status is not None:
             self.metrics.slot_lag_bytes.set(status.lag_bytes)
+        self._remember(status)
 
 
 class _Batch:
@@ -577,6 +644,13 @@ class _Batch:
             return False
         self.transactions.append(completed)
         return self.changes >= self._max_changes or self.bytes >= self._max_bytes
+
+
+_LOSS_REASONS = {
+    "invalidated": "invalidated: its WAL passed max_slot_wal_keep_size",
+    "dropped": "dropped",
+    "unfinished": "an earlier recovery did not finish",
+}
 
 
 def _event_count(transactions: list[DecodedTransaction]) -> int:

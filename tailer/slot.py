@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Final
@@ -37,6 +38,10 @@ class SlotStatus:
     #: ``reserved`` / ``extended`` / ``unreserved`` / ``lost`` (see max_slot_wal_keep_size).
     wal_status: str | None
     safe_wal_size: int | None
+    #: The oldest transaction id whose changes the slot may still decode: every transaction
+    #: that commits after ``confirmed_flush_lsn`` has an id at or after it (kept when the slot
+    #: is invalidated; the recovery of a lost slot republishes from it).
+    catalog_xmin: int | None = None
 
 
 def slot_status(conn: psycopg.Connection[Any], slot: str) -> SlotStatus | None:
@@ -45,14 +50,14 @@ def slot_status(conn: psycopg.Connection[Any], slot: str) -> SlotStatus | None:
         """
         SELECT active, confirmed_flush_lsn::text, restart_lsn::text,
                COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint,
-               wal_status, safe_wal_size
+               wal_status, safe_wal_size, catalog_xmin::text
         FROM pg_replication_slots WHERE slot_name = %s
         """,
         (slot,),
     ).fetchone()
     if row is None:
         return None
-    active, confirmed, restart, lag, wal_status, safe_wal_size = row
+    active, confirmed, restart, lag, wal_status, safe_wal_size, catalog_xmin = row
     return SlotStatus(
         slot_name=slot,
         active=bool(active),
@@ -61,6 +66,7 @@ def slot_status(conn: psycopg.Connection[Any], slot: str) -> SlotStatus | None:
         lag_bytes=int(lag),
         wal_status=wal_status,
         safe_wal_size=int(safe_wal_size) if safe_wal_size is not None else None,
+        catalog_xmin=int(catalog_xmin) if catalog_xmin is not None else None,
     )
 
 
@@ -164,6 +170,28 @@ class SlotReader:
             except psycopg.errors.ObjectNotInPrerequisiteState as exc:
                 raise SlotConfigurationError(f"cannot create slot {self.slot_name!r}: {exc}".strip()) from exc
             return True
+
+    def drop_slot(self, name: str) -> None:
+        """Drop replication slot ``name`` if it exists (:class:`SlotBusyError` while a session uses it)."""
+        with _translate, contextlib.suppress(psycopg.errors.UndefinedObject):
+            self.connection.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+
+    def create_marker(self, name: str) -> None:
+        """Create physical slot ``name`` reserving no WAL: a durable name and nothing else."""
+        with _translate, contextlib.suppress(psycopg.errors.DuplicateObject):
+            self.connection.execute("SELECT pg_create_physical_replication_slot(%s, false, false)", (name,))
+
+    def markers(self, prefix: str) -> list[str]:
+        """Names of the marker slots (physical, holding no WAL) whose names start with ``prefix``."""
+        with _translate:
+            rows = self.connection.execute(
+                """
+                SELECT slot_name::text FROM pg_replication_slots
+                WHERE slot_type = 'physical' AND restart_lsn IS NULL AND starts_with(slot_name::text, %s)
+                """,
+                (prefix,),
+            ).fetchall()
+        return [row[0] for row in rows]
 
     def peek(self, max_changes: int) -> list[bytes]:
         """Whole transactions after confirmed_flush_lsn, at least ``max_changes`` messages if available.

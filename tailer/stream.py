@@ -32,7 +32,8 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.conninfo import make_conninfo
 
-from tailer.errors import DatabaseUnavailableError, SlotBusyError, SlotConfigurationError
+from tailer.errors import DatabaseUnavailableError, SlotBusyError, SlotConfigurationError, SlotLostError
+from tailer.pgoutput import parse_lsn
 
 #: Microseconds between the Unix epoch and PostgreSQL's (2000-01-01), for status updates.
 _PG_EPOCH_OFFSET_US: Final = 946_684_800_000_000
@@ -42,6 +43,10 @@ _STATUS_UPDATE = struct.Struct(">cQQQqB")  # 'r', written, flushed, applied, cli
 _XLOG_HEADER: Final = 1 + _XLOG_DATA.size
 _OBJECT_IN_USE: Final = "55006"
 _UNDEFINED_OBJECT: Final = "42704"
+#: START_REPLICATION on an invalidated slot (and on a few misconfigurations, which the
+#: tailer tells apart through ``pg_replication_slots``).
+_NOT_IN_PREREQUISITE_STATE: Final = "55000"
+_DUPLICATE_OBJECT: Final = "42710"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +113,8 @@ class ReplicationStream:
                 detail = _message(pgconn, "START_REPLICATION failed")
                 if state == _OBJECT_IN_USE.encode():
                     raise SlotBusyError(detail)
-                if state == _UNDEFINED_OBJECT.encode():
-                    raise SlotConfigurationError(detail)
+                if state in (_UNDEFINED_OBJECT.encode(), _NOT_IN_PREREQUISITE_STATE.encode()):
+                    raise SlotLostError(detail)
                 raise DatabaseUnavailableError(detail)
         except BaseException:
             pgconn.finish()
@@ -219,6 +224,47 @@ class ReplicationStream:
         if self._pgconn is None:
             raise DatabaseUnavailableError("the replication stream is not started")
         return self._pgconn
+
+
+@contextlib.contextmanager
+def exported_slot(database_url: str, slot_name: str, *, connect_timeout: int = 10) -> Iterator[tuple[int, str]]:
+    """Create logical slot ``slot_name`` (pgoutput) and export the snapshot it starts at.
+
+    Yields the slot's consistent point and the snapshot's name. A transaction that imports
+    the snapshot (``SET TRANSACTION SNAPSHOT``) while the body runs sees exactly the
+    transactions that committed before the slot's first change: together, the snapshot and
+    the slot cover every commit once. ``CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`` exists
+    only on a replication connection, and the snapshot lives until that connection runs
+    another command or closes — on leaving the body.
+    """
+    conninfo = make_conninfo(database_url, replication="database", connect_timeout=connect_timeout)
+    pgconn = pq.PGconn.connect(conninfo.encode())
+    try:
+        if pgconn.status != pq.ConnStatus.OK:
+            raise DatabaseUnavailableError(_message(pgconn, "cannot open a replication connection"))
+        command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')").format(
+            sql.Identifier(slot_name)
+        )
+        pgconn.send_query(command.as_bytes(None))
+        result = pgconn.get_result()
+        while pgconn.get_result() is not None:
+            pass
+        if result is None or result.status != pq.ExecStatus.TUPLES_OK:
+            state = result.error_field(pq.DiagnosticField.SQLSTATE) if result is not None else None
+            detail = _message(pgconn, "CREATE_REPLICATION_SLOT failed")
+            if state == _DUPLICATE_OBJECT.encode():
+                # Made by someone else since the tailer dropped it: the recovery starts over.
+                raise SlotBusyError(detail)
+            if state == _NOT_IN_PREREQUISITE_STATE.encode():
+                raise SlotConfigurationError(detail)
+            raise DatabaseUnavailableError(detail)
+        values = [result.get_value(0, column) for column in range(result.nfields)]
+        consistent_point, snapshot = values[1], values[2]
+        if consistent_point is None or snapshot is None:
+            raise DatabaseUnavailableError("CREATE_REPLICATION_SLOT returned no consistent point or snapshot")
+        yield parse_lsn(consistent_point.decode()), snapshot.decode()
+    finally:
+        pgconn.finish()
 
 
 def _quote_identifier(name: str) -> str:
