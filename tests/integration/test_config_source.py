@@ -1,0 +1,336 @@
+"""The Kinesis change source against the running stack: kinesis-mock, DynamoDB Local, moto, and the
+pipeline in front of them (bus → PostgreSQL → tailer → Kinesis → KCL consumer → read models).
+
+Config events go in through the bus; a :class:`KinesisChangeSource` with a recording sink must
+end with exactly what ``router.scan()`` shows once the pipeline settled, including keys changed
+while it was starting, tombstones kept. Resharding runs on a throwaway stream of kinesis-mock.
+The stack must be running (``tagbus up``); these tests never start or stop its parts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from config_server.checkpoints import CheckpointKind, read_checkpoints
+from config_server.kinesis import KinesisChangeSource, KinesisUnavailable
+from consumers.daemon import APPLICATION_NAME
+from devtools.ports import free_port
+from kernel.auth import issue_dev_token
+from kernel.envelope import CONFIG_SET, StoredEvent
+from producers import TagbusClient
+from producers.client import new_event
+from projections.model import ConfigChange
+from projections.router import TagRouter
+from projections.stores.memory import MemoryConfigStore
+from tagbus import aws, compose
+from tagbus import settings as settings_mod
+from tailer import KinesisPublisher
+from tests.fixtures.change_sink import RecordingSink
+
+pytestmark = pytest.mark.stack
+
+SETTLE = 60.0
+
+
+@pytest.fixture(scope="module")
+def live() -> settings_mod.Settings:
+    s = settings_mod.load()
+    try:
+        httpx.get(f"{s.base_url}/healthz", timeout=5).raise_for_status()
+    except httpx.HTTPError as e:
+        pytest.fail(f"the local stack's bus is not answering at {s.base_url} (run `tagbus up`): {e}")
+    return s
+
+
+@pytest.fixture(scope="module")
+def router(live: settings_mod.Settings) -> TagRouter:
+    return compose.build_router(live)
+
+
+def bus_client(s: settings_mod.Settings, tenant: str) -> TagbusClient:
+    assert s.auth.jwt_secret
+    token = issue_dev_token(
+        s.auth.jwt_secret,
+        tenant=tenant,
+        tier="enterprise",
+        scope="events:write config:read",
+        issuer=s.auth.issuer,
+        audience=s.auth.audience,
+        now=time.time(),
+    )
+    return TagbusClient(s.base_url, lambda: token)
+
+
+class Poster:
+    """Posts config changes for one tenant and remembers each key's last version."""
+
+    def __init__(self, client: TagbusClient) -> None:
+        self.client = client
+        self.last: dict[str, tuple[int, bool]] = {}
+
+    def set(self, key: str, value: Any) -> None:
+        body = self.client.post(new_event("config.set", "/tests/config-source", {"key": key, "value": value}))
+        self.last[key] = (int(body["version"]), False)
+
+    def delete(self, key: str) -> None:
+        body = self.client.post(new_event("config.deleted", "/tests/config-source", {"key": key}))
+        self.last[key] = (int(body["version"]), True)
+
+
+def scanned(router: TagRouter, tenants: set[str]) -> dict[tuple[str, str], ConfigChange]:
+    return {(c.tenant, str(c.key)): c for c in router.scan() if c.tenant in tenants}
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float, what: str, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        threading.Event().wait(every)
+
+
+def settled(router: TagRouter, tenant: str, poster: Poster) -> Callable[[], bool]:
+    """The read models hold every key's last posted version (deleted keys as tombstones)."""
+
+    def check() -> bool:
+        state = scanned(router, {tenant})
+        return all(
+            (tenant, key) in state and (state[(tenant, key)].version, state[(tenant, key)].deleted) == last
+            for key, last in poster.last.items()
+        )
+
+    return check
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[KinesisChangeSource, RecordingSink], threading.Thread]]:
+    """Starts sources in threads; stops and joins them after the test."""
+    started: list[tuple[threading.Event, threading.Thread]] = []
+
+    def start(source: KinesisChangeSource, sink: RecordingSink) -> threading.Thread:
+        stop = threading.Event()
+        thread = threading.Thread(target=source.run, args=(sink, stop), name="kinesis-source", daemon=True)
+        thread.start()
+        started.append((stop, thread))
+        return thread
+
+    yield start
+    for stop, _ in started:
+        stop.set()
+    for _, thread in started:
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the source did not stop within 30 s of its stop event"
+
+
+def stack_source(live: settings_mod.Settings, router: TagRouter, **options: Any) -> KinesisChangeSource:
+    return KinesisChangeSource(
+        aws.client(live, "kinesis"),
+        aws.client(live, "dynamodb"),
+        router,
+        stream_name=live.stream_name,
+        lease_table=APPLICATION_NAME,
+        **options,
+    )
+
+
+def test_converges_to_the_read_models_with_changes_made_while_it_starts(
+    live: settings_mod.Settings,
+    router: TagRouter,
+    running: Callable[[KinesisChangeSource, RecordingSink], threading.Thread],
+) -> None:
+    tenant = f"src-{uuid.uuid4().hex[:10]}"
+    with bus_client(live, tenant) as client:
+        poster = Poster(client)
+        # Before the start: sets, overwrites and deletes in both read models.
+        for n in range(6):
+            poster.set(f"tenantconfig:before/k{n}", {"n": n})
+        poster.set("paramconfig:before/p", "one")
+        poster.set("tenantconfig:before/k0", {"n": 0, "again": True})
+        poster.delete("tenantconfig:before/k1")
+        poster.delete("paramconfig:before/p")
+
+        sink = RecordingSink()
+        keep_posting = threading.Event()
+        errors: list[BaseException] = []
+
+        def post_while_starting() -> None:
+            n = 0
+            try:
+                while not keep_posting.is_set() or n < 12:
+                    poster.set(f"tenantconfig:during/k{n % 4}", n)
+                    if n % 5 == 4:
+                        poster.delete(f"tenantconfig:during/k{(n + 1) % 4}")
+                    if n % 6 == 0:
+                        poster.set(f"paramconfig:during/p{n % 2}", [n])
+                    n += 1
+            except BaseException as e:
+                errors.append(e)
+
+        writer = threading.Thread(target=post_while_starting, name="poster", daemon=True)
+        writer.start()
+        source = stack_source(live, router)
+        running(source, sink)
+        sink.wait_for(lambda s: bool(s.caught_up_lags), timeout=SETTLE, what="the source's first caught_up")
+        keep_posting.set()
+        writer.join(timeout=SETTLE)
+        assert not writer.is_alive() and not errors, errors
+        # After the start too.
+        poster.set("tenantconfig:after/k", "late")
+        poster.delete("tenantconfig:before/k2")
+
+    wait_until(settled(router, tenant, poster), timeout=SETTLE, what="the read models to hold every posted version")
+    expected = scanned(router, {tenant})
+    sink.wait_for(
+        lambda s: s.tenant_state({tenant}) == expected,
+        timeout=SETTLE,
+        what="the source's state to equal the read models'",
+    )
+    state = sink.tenant_state({tenant})
+    assert state == expected
+    assert {key for (_, key), c in state.items() if c.deleted} >= {
+        "tenantconfig:before/k1",
+        "tenantconfig:before/k2",
+        "paramconfig:before/p",
+    }
+    assert any(c.tenant == tenant for c in sink.loads[0]), "the snapshot held the keys posted before the start"
+    assert source.stats.undecodable == 0 and source.stats.invalid == 0
+
+
+def test_reads_the_consumers_checkpoints_from_the_real_lease_table_and_starts_there(
+    live: settings_mod.Settings,
+    router: TagRouter,
+    running: Callable[[KinesisChangeSource, RecordingSink], threading.Thread],
+) -> None:
+    tenant = f"ckp-{uuid.uuid4().hex[:10]}"
+    with bus_client(live, tenant) as client:
+        poster = Poster(client)
+        poster.set("tenantconfig:checkpointed", True)
+    wait_until(settled(router, tenant, poster), timeout=SETTLE, what="the consumer to apply the change")
+    dynamodb = aws.client(live, "dynamodb")
+    # The consumer checkpoints at most once a second after applying.
+    wait_until(
+        lambda: any(
+            c.kind is CheckpointKind.SEQUENCE
+            for c in read_checkpoints(dynamodb, APPLICATION_NAME, stream_name=live.stream_name).values()
+        ),
+        timeout=SETTLE,
+        what="a sequence-number checkpoint in the lease table",
+    )
+    checkpoints = read_checkpoints(dynamodb, APPLICATION_NAME, stream_name=live.stream_name)
+    kinesis = aws.client(live, "kinesis")
+    shards = {s["ShardId"] for s in kinesis.list_shards(StreamName=live.stream_name)["Shards"]}
+    assert set(checkpoints) <= shards
+    opened: list[dict[str, Any]] = []
+    kinesis.meta.events.register(
+        "provide-client-params.kinesis.GetShardIterator", lambda params, **_: opened.append(dict(params))
+    )
+    source = KinesisChangeSource(kinesis, dynamodb, router, stream_name=live.stream_name, lease_table=APPLICATION_NAME)
+    sink = RecordingSink()
+    running(source, sink)
+    sink.wait_for(lambda s: bool(s.caught_up_lags), timeout=SETTLE, what="caught_up")
+    by_shard = {p["ShardId"]: p for p in opened}
+    for shard_id, checkpoint in read_checkpoints(dynamodb, APPLICATION_NAME, stream_name=live.stream_name).items():
+        if checkpoint.kind is CheckpointKind.SEQUENCE and shard_id in by_shard:
+            assert by_shard[shard_id]["ShardIteratorType"] == "AT_SEQUENCE_NUMBER"
+            # The checkpoint may have moved since the source read it; never backwards.
+            assert int(by_shard[shard_id]["StartingSequenceNumber"]) <= int(checkpoint.sequence_number or 0)
+    assert any(p["ShardIteratorType"] == "AT_SEQUENCE_NUMBER" for p in opened)
+    assert sink.state[(tenant, "tenantconfig:checkpointed")].value is True
+
+
+def _config_event(tenant: str, key: str, version: int, value: Any) -> StoredEvent:
+    return StoredEvent(
+        id=f"{key}@{version}",
+        tenant=tenant,
+        stream=key,
+        version=version,
+        type=CONFIG_SET,
+        source="/tests/reshard",
+        recorded_at=datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
+        data={"key": key, "value": value},
+        position=version,
+    )
+
+
+def test_follows_a_split_on_kinesis_mock_without_losing_or_reordering_a_key(
+    live: settings_mod.Settings,
+    kinesis_client: Any,
+    kinesis_stream: str,
+    running: Callable[[KinesisChangeSource, RecordingSink], threading.Thread],
+) -> None:
+    tenant = f"rsh-{uuid.uuid4().hex[:10]}"
+    keys = [f"tenantconfig:reshard/k{n}" for n in range(8)]
+    publisher = KinesisPublisher(kinesis_client, kinesis_stream, aggregate=True)
+    publisher.publish([_config_event(tenant, key, 1, 1) for key in keys])
+    source = KinesisChangeSource(
+        kinesis_client,
+        aws.client(live, "dynamodb"),
+        TagRouter({"tenantconfig": MemoryConfigStore()}),
+        stream_name=kinesis_stream,
+        lease_table=None,
+        list_shards_interval=1.0,
+    )
+    sink = RecordingSink()
+    running(source, sink)
+    sink.wait_for(lambda s: bool(s.caught_up_lags), timeout=SETTLE, what="caught_up")
+
+    shards = kinesis_client.list_shards(StreamName=kinesis_stream)["Shards"]
+    parent = shards[0]
+    low, high = int(parent["HashKeyRange"]["StartingHashKey"]), int(parent["HashKeyRange"]["EndingHashKey"])
+    kinesis_client.split_shard(
+        StreamName=kinesis_stream, ShardToSplit=parent["ShardId"], NewStartingHashKey=str((low + high) // 2)
+    )
+    wait_until(
+        lambda: (
+            kinesis_client.describe_stream_summary(StreamName=kinesis_stream)["StreamDescriptionSummary"][
+                "StreamStatus"
+            ]
+            == "ACTIVE"
+        ),
+        timeout=SETTLE,
+        what="the split to finish",
+    )
+    # A fresh publisher maps the new shards (aggregates carry the child shards' hash keys).
+    after = KinesisPublisher(kinesis_client, kinesis_stream, aggregate=True)
+    for version in (2, 3):
+        after.publish([_config_event(tenant, key, version, version) for key in keys])
+
+    sink.wait_for(
+        lambda s: all(s.state.get((tenant, key)) is not None and s.state[(tenant, key)].version == 3 for key in keys),
+        timeout=SETTLE,
+        what="every key's third version",
+    )
+    for key in keys:
+        applied = [c.version for batch in sink.applied for c in batch if (c.tenant, str(c.key)) == (tenant, key)]
+        assert applied == [1, 2, 3], (key, applied)
+    listed = {s["ShardId"] for s in kinesis_client.list_shards(StreamName=kinesis_stream)["Shards"]}
+    assert len(listed) == 4
+    assert source.stats.undecodable == 0 and sink.failures == []
+
+
+def test_an_unreachable_endpoint_is_reported_and_retried_until_stopped(
+    live: settings_mod.Settings,
+    running: Callable[[KinesisChangeSource, RecordingSink], threading.Thread],
+) -> None:
+    dead = {**live.environ, "AWS_ENDPOINT_URL_KINESIS": f"http://127.0.0.1:{free_port()}"}
+    unreachable = settings_mod.load(dead, home=live.home)
+    source = KinesisChangeSource(
+        aws.client(unreachable, "kinesis", connect_timeout=1, retries={"max_attempts": 1}),
+        aws.client(live, "dynamodb"),
+        TagRouter({"tenantconfig": MemoryConfigStore()}),
+        stream_name=live.stream_name,
+        lease_table=None,
+    )
+    sink = RecordingSink()
+    thread = running(source, sink)
+    sink.wait_for(lambda s: len(s.failures) >= 3, timeout=SETTLE, what="three reported failures")
+    assert all(isinstance(e, KinesisUnavailable) for e in sink.failures)
+    assert thread.is_alive() and not sink.caught_up_lags
