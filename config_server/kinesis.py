@@ -31,10 +31,11 @@ splits and merges are followed (children after their parents, as in the KCL). A 
 could not read for ``restart_after`` seconds starts over from new checkpoints and a new
 snapshot, since records may have left the stream's retention meanwhile.
 
-Production: a handful of servers polling every shard share the 5 reads/s of each, and each
-server's 200 ms poll is about a fifth of them, so past two or three servers per stream use
-enhanced fan-out (``SubscribeToShard``: a dedicated 2 MB/s pipe per consumer and shard, pushed
-with ~70 ms latency, up to 20 consumers per stream), or chain servers behind a few readers
+Production: the 5 reads/s of a shard are shared by every poller, and the KCL consumer's own
+200 ms poll already uses them all, so on real Kinesis a polling server makes the shard throttle
+(the source backs off, the consumer too). Past a local stack, give the servers enhanced
+fan-out (``SubscribeToShard``: a dedicated 2 MB/s pipe per consumer and shard, records pushed
+as they arrive, up to 20 consumers per stream) and chain the rest of the fleet behind them
 (:class:`config_server.upstream.UpstreamChangeSource`). kinesis-mock has no
 ``SubscribeToShard``, so polling is what runs locally and what is tested here. One thread
 polls every shard in turn; a stream of many shards would want one poller per group of shards.
