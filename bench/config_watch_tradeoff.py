@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.config_watch_load import PREFIX, Ledger, Tenant, run_load, seed
+from bench.config_watch_load import PREFIX, Ledger, Tenant, run_load, seed, wait_visible
 from bench.config_watch_measure import metric_sum, parse_metrics, summary
 from config_client import AsyncConfigCache, State
 
@@ -170,7 +170,12 @@ async def measure(
     ``grpc_target`` ``None``: no config server to watch, the TTL caches alone.
     """
     keys = [f"{PREFIX}k{i:03d}" for i in range(sizes.keys_per_tenant)]
-    await seed(bus, tenants, keys)
+    seeded = await seed(bus, tenants, keys)
+    if seeded.failed:
+        raise RuntimeError(f"{seeded.failed} seed changes were refused by the bus")
+    # Every cache starts from the seeded state, so no sample counts the seeding as staleness.
+    for tenant in tenants:
+        await wait_visible(bus, tenant, keys[-1], 1)
     holdings = _holdings(sizes, tenants)
     stop = asyncio.Event()
     ttl_gets: dict[float, list[float]] = {ttl: [] for ttl in sizes.ttls}
