@@ -34,10 +34,21 @@ Choices made for the local emulators (kinesis-mock, DynamoDB Local) and why:
   new application waits a random 1-30 s before its first shard sync, and a new lease
   table's GSI is polled every 10 s. Only the first start of an application pays this;
   the tables live on in DynamoDB Local's ``-sharedDb`` file.
+
+No orphans, no twins. The daemon dies with the consumer process that started it, however
+that ends (``kill -9`` included): it is started with the parent-death signal set to
+SIGKILL. Its record processors speak the protocol on stdin, which reaches end-of-file when
+the JVM dies, and they exit then. Processes of a daemon that outlived its consumer anyway
+(an older run, before this) are found by :func:`daemon_processes`, which ``tagbus down`` and
+``tagbus up`` use. And :func:`run_daemon` first claims the worker id on this host
+(:class:`~consumers.worker_lock.WorkerLock`): a second consumer with the same id is refused
+instead of fighting the first over every lease.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shlex
 import signal
@@ -45,15 +56,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from consumers.worker_lock import WorkerLock
+
 __all__ = [
     "MAIN_CLASS",
+    "RUN_DIR_VARIABLE",
     "DaemonSettings",
     "daemon_argv",
+    "daemon_processes",
     "render_logback",
     "render_properties",
     "run_daemon",
@@ -66,6 +81,11 @@ APPLICATION_NAME = "tagbus-consumer"
 MAIN_CLASS = "software.amazon.kinesis.multilang.MultiLangDaemon"
 #: KCL's ``PollingConfig.MIN_IDLE_MILLIS_BETWEEN_READS``: 5 ``GetRecords`` per second and shard.
 MIN_IDLE_TIME_BETWEEN_READS_MS = 200
+#: Set in the daemon's environment (and so its processors') to its working directory: how
+#: :func:`daemon_processes` knows a processor whose command line names no directory.
+RUN_DIR_VARIABLE = "TAGBUS_CONSUMER_RUN_DIR"
+#: ``PR_SET_PDEATHSIG`` from ``<linux/prctl.h>``.
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,7 @@ class DaemonSettings:
         base: dict[str, object] = {
             "stream_name": env.get("TAGBUS_STREAM_NAME", "tagbus-events"),
             "processor_command": tuple(processor_command),
+            "application_name": application_name(env),
             "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             "kinesis_endpoint": env.get("AWS_ENDPOINT_URL_KINESIS") or None,
             "dynamodb_endpoint": env.get("AWS_ENDPOINT_URL_DYNAMODB") or None,
@@ -118,15 +139,20 @@ class DaemonSettings:
         return cls(**base)  # type: ignore[arg-type]
 
 
+def application_name(env: Mapping[str, str]) -> str:
+    """The KCL application (and lease table): ``TAGBUS_CONSUMER_APPLICATION``, else ``tagbus-consumer``."""
+    return env.get("TAGBUS_CONSUMER_APPLICATION") or APPLICATION_NAME
+
+
 def worker_id(env: Mapping[str, str]) -> str:
     """The KCL worker id: ``TAGBUS_CONSUMER_WORKER_ID``, else stable per host.
 
     A stable id lets a restarted consumer carry on with the leases it held at once; a random
     one (the KCL default) waits until the old leases expire and the leader hands them out
     again, which took about a minute with KCL 3.1.3. Two consumers on one host need
-    different ids.
+    different ids (:func:`run_daemon` refuses a second one).
     """
-    return env.get("TAGBUS_CONSUMER_WORKER_ID") or f"{APPLICATION_NAME}@{socket.gethostname()}"
+    return env.get("TAGBUS_CONSUMER_WORKER_ID") or f"{application_name(env)}@{socket.gethostname()}"
 
 
 def render_properties(settings: DaemonSettings, *, executable: str | None = None) -> str:
@@ -232,10 +258,20 @@ def start_daemon(
     env: Mapping[str, str] | None = None,
     log_level: str = "INFO",
 ) -> subprocess.Popen[bytes]:
-    """Write the config into ``workdir`` and start the daemon (output inherited)."""
+    """Write the config into ``workdir`` and start the daemon (output inherited).
+
+    The daemon gets SIGKILL when the thread that called this ends (Linux's parent-death
+    signal is tied to the thread, not the process): call it from a thread that lives as
+    long as the daemon should, as :func:`run_daemon` does from the main thread.
+    """
+    workdir = workdir.resolve()
     properties, logback = write_config(settings, workdir, log_level=log_level)
     argv = daemon_argv(properties, jars_dir=jars_dir, java=java, logback=logback)
-    return subprocess.Popen(argv, cwd=workdir, env=dict(env) if env is not None else None)
+    child_env = {**(os.environ if env is None else env), RUN_DIR_VARIABLE: str(workdir)}
+    # preexec_fn is unsafe only where the child could need a lock another thread held at
+    # fork; this one makes two system calls through a libc handle opened beforehand.
+    guard = _killed_with_parent(os.getpid())
+    return subprocess.Popen(argv, cwd=workdir, env=child_env, preexec_fn=guard)  # noqa: PLW1509
 
 
 def run_daemon(
@@ -249,8 +285,13 @@ def run_daemon(
     max_restarts: int = 5,
     restart_window: float = 60.0,
     restart_delay: float = 1.0,
+    lock_dir: Path | None = None,
 ) -> int:
     """Run the daemon in the foreground, restarting it when it dies; SIGTERM/SIGINT are passed on.
+
+    With ``lock_dir``, the worker id is claimed there first, for as long as this runs
+    (:class:`~consumers.worker_lock.WorkerLock`): :class:`~consumers.worker_lock.WorkerIdTaken`
+    if a live consumer on this host holds it.
 
     The MultiLangDaemon calls ``System.exit(1)`` as soon as one record processor (a child
     process) fails or dies, so a crashed processor would otherwise stop consumption until
@@ -265,6 +306,20 @@ def run_daemon(
     def start() -> subprocess.Popen[bytes]:
         return start_daemon(settings, jars_dir=jars_dir, workdir=workdir, java=java, env=env, log_level=log_level)
 
+    lock = WorkerLock(lock_dir, settings.worker_id) if lock_dir is not None and settings.worker_id else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _supervise(start, max_restarts=max_restarts, restart_window=restart_window, restart_delay=restart_delay)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _supervise(
+    start: Callable[[], subprocess.Popen[bytes]], *, max_restarts: int, restart_window: float, restart_delay: float
+) -> int:
+    """Start the daemon and start it again when it dies, until a stop signal, an exit 0 or a crash loop."""
     current = [start()]
     stopping = [False]
 
@@ -302,6 +357,60 @@ def run_daemon(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def daemon_processes(workdir: Path) -> list[int]:
+    """Live processes of daemons started in ``workdir``, and everything they started.
+
+    A daemon is known by its command line (``--properties-file <workdir>/…``) or its
+    environment (:data:`RUN_DIR_VARIABLE`, which its processors inherit); the processes
+    that descend from one are included, whatever they run. This process is never included.
+    """
+    run_dir = str(workdir.resolve())
+    marker = f"--properties-file {run_dir}/".encode()
+    variable = f"{RUN_DIR_VARIABLE}={run_dir}".encode()
+    parents: dict[int, int] = {}
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            stat = (entry / "stat").read_text()
+            state, parent = stat.rsplit(")", 1)[1].split()[:2]
+            if state in ("Z", "X"):
+                continue
+            parents[pid] = int(parent)
+            ours = marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            if ours or variable in (entry / "environ").read_bytes().split(b"\0"):
+                found.add(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = list(found)
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    found.discard(os.getpid())
+    return sorted(found)
+
+
+def _killed_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the child killed when ``parent`` (the thread forking it) dies."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+    def preexec() -> None:
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:
+            # The parent died between fork and prctl: the signal will never come.
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def _executable_name(command: Sequence[str]) -> str:
