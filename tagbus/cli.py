@@ -228,11 +228,17 @@ def status() -> None:
 def consumer() -> None:
     """Run the KCL MultiLangDaemon with tagbus's record processor in the foreground."""
     from consumers.daemon import DaemonSettings, run_daemon
+    from consumers.worker_lock import WorkerIdTaken
 
     s = _settings()
     state = s.home
     daemon = DaemonSettings.from_env(dict(s.environ), [sys.executable, "-m", "tagbus.processor"])
-    code = run_daemon(daemon, jars_dir=state / "kcl-jars", workdir=state / "kcl-run", env=dict(s.environ))
+    try:
+        code = run_daemon(
+            daemon, jars_dir=state / "kcl-jars", workdir=state / "kcl-run", env=dict(s.environ), lock_dir=state / "run"
+        )
+    except WorkerIdTaken as e:
+        raise CliError(str(e)) from e
     if code:
         raise CliError(f"the MultiLangDaemon exited with {code}")
 

@@ -43,6 +43,7 @@ from typing import Any
 import orjson
 
 from consumers.daemon import APPLICATION_NAME as CONSUMER_APPLICATION
+from consumers.daemon import daemon_processes
 from consumers.daemon import worker_id as consumer_worker_id
 from tagbus import install
 
@@ -194,6 +195,9 @@ class PartSpec:
     after_start: Callable[[], None] | None = None
     #: What to tell the operator when the part is not healthy in time (``None``: nothing to add).
     slow_start_hint: Callable[[], str | None] | None = None
+    #: Processes of this part that its pid no longer leads (e.g. a KCL daemon an older run
+    #: left behind when its consumer was killed): ``stop_part`` ends them, ``up`` before a start.
+    strays: Callable[[], Sequence[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,7 @@ def part_specs(config: StackConfig | None = None) -> dict[str, PartSpec]:
             prepare=lambda: _prepare_consumer(cfg),
             signal_group=False,
             timeout=120.0,
+            strays=lambda: daemon_processes(cfg.state / "kcl-run"),
         ),
     ]
     return {spec.name: spec for spec in specs}
@@ -442,6 +447,7 @@ def _app_spec(
     signal_group: bool = True,
     ports: tuple[int, ...] = (),
     timeout: float = 60.0,
+    strays: Callable[[], Sequence[int]] | None = None,
 ) -> PartSpec:
     return PartSpec(
         name=name,
@@ -455,6 +461,7 @@ def _app_spec(
         min_alive=1.0,
         signal_group=signal_group,
         prepare=prepare,
+        strays=strays,
     )
 
 
@@ -474,6 +481,7 @@ def up(config: StackConfig | None = None, parts: Sequence[str] | None = None) ->
         if _live_pid(cfg, spec) is not None:
             continue
         cfg.pid_file(name).unlink(missing_ok=True)
+        _stop_strays(spec, timeout=15.0)  # a second instance beside them would fight them
         busy = [port for port in spec.ports if _port_in_use(port)]
         if busy:
             raise StackError(
@@ -581,7 +589,7 @@ def stop_part(config: StackConfig, spec: PartSpec, *, timeout: float = 15.0) -> 
     pid = _live_pid(config, spec)
     if pid is None:
         pid_file.unlink(missing_ok=True)
-        return False
+        return _stop_strays(spec, timeout=timeout)
     _signal(pid, spec.stop_signal, group=spec.signal_group)
     deadline = time.monotonic() + max(timeout, spec.stop_timeout)
     while time.monotonic() < deadline and _alive(pid, spec.marker):
@@ -596,7 +604,36 @@ def stop_part(config: StackConfig, spec: PartSpec, *, timeout: float = 15.0) -> 
         # Safe: Linux does not hand out a pid that is still some group's id.
         _signal(pid, signal.SIGKILL, group=True)
     pid_file.unlink(missing_ok=True)
+    _stop_strays(spec, timeout=timeout)
     return True
+
+
+def _stop_strays(spec: PartSpec, *, timeout: float) -> bool:
+    """End the part's processes that no pid file names: SIGTERM, then SIGKILL. True if there were any."""
+    pids = list(spec.strays()) if spec.strays is not None else []
+    if not pids:
+        return False
+    print(
+        f"tagbus: {spec.name}: stopping processes left by an earlier run: {' '.join(map(str, pids))}", file=sys.stderr
+    )
+    for pid in pids:
+        _signal(pid, signal.SIGTERM, group=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _running(pid):
+            _signal(pid, signal.SIGKILL, group=False)
+    return True
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 # -- process helpers ---------------------------------------------------------------------
