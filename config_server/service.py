@@ -156,10 +156,12 @@ class ConfigServicer:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            # The client stopped reading: what it has is consistent up to its last position.
-            await context.abort(
-                grpc.StatusCode.ABORTED, "the watcher stopped reading and was cut; watch again (resume with since)"
-            )
+            # The client stopped reading. Trailers queue behind the data it does not read, so
+            # awaiting an abort would hold this handler (and the tenant's stream slot) as
+            # long as the client does; the status is set instead and sent by gRPC if the
+            # client ever reads again. What it has is consistent up to its last position.
+            context.set_code(grpc.StatusCode.ABORTED)
+            context.set_details("the watcher stopped reading and was cut; watch again (resume with since)")
         finally:
             session.close()
 
