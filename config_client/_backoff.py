@@ -5,9 +5,12 @@ drawn uniformly inside it (full jitter), so a fleet of caches cut off at once co
 over the window instead of in one wave. A stream that stayed healthy for ``stable_after``
 seconds resets the window: one later failure does not inherit the delays of an old outage.
 
-A clean end of a healthy stream (the server caps stream lifetime) and a resync are not
-failures: the next watch starts at once. Only one such immediate retry is allowed per
-``stable_after``; a server that keeps ending streams right away is backed off like a failing one.
+A clean end of a stream that delivered something (the server caps stream lifetime, or stops)
+and a resync are not failures: the next watch starts at once, whatever the failures before.
+Only :attr:`Backoff.quick_limit` such immediate restarts in a row are allowed without a stream
+staying up for ``stable_after``; past them (a server that keeps ending streams right away, or
+keeps answering resync) the restarts are backed off like failures. A clean end of a stream
+that delivered nothing is a failure.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from collections.abc import Callable
 
 class Backoff:
     """Delays between watch attempts; ``rand`` and ``clock`` are injectable for tests."""
+
+    #: Immediate restarts (clean ends, resyncs) in a row before they are backed off.
+    quick_limit = 3
 
     def __init__(
         self,
@@ -35,7 +41,7 @@ class Backoff:
         self._rand, self._clock = rand, clock
         self._failures = 0
         self._healthy_since: float | None = None
-        self._last_immediate: float | None = None
+        self._quick = 0
 
     @property
     def failures(self) -> int:
@@ -56,12 +62,11 @@ class Backoff:
         return self._rand() * window
 
     def after_end(self) -> float:
-        """The delay after a clean end or a resync: none, unless it happens too often."""
+        """The delay after a clean end or a resync: none, unless it keeps happening."""
         was_healthy = self._healthy_since is not None
         self._settle()
-        now = self._clock()
-        if was_healthy and (self._last_immediate is None or now - self._last_immediate >= self.stable_after):
-            self._last_immediate = now
+        if was_healthy and self._quick < self.quick_limit:
+            self._quick += 1
             return 0.0
         return self.after_failure()
 
@@ -69,4 +74,5 @@ class Backoff:
         """End the current stream's healthy period, resetting the window if it was long enough."""
         if self._healthy_since is not None and self._clock() - self._healthy_since >= self.stable_after:
             self._failures = 0
+            self._quick = 0
         self._healthy_since = None

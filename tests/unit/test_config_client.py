@@ -413,6 +413,20 @@ def test_a_server_that_keeps_ending_streams_at_once_is_backed_off(
     assert cache.stats().last_backoff == 0.01
 
 
+def test_after_an_outage_a_resync_relists_at_once(server: ScriptedServer, make_cache: CacheFactory) -> None:
+    server.service.script(snapshot(10, entry("a", 1, 1, 5)), End())
+    for _ in range(5):
+        server.service.script(Abort(grpc.StatusCode.UNAVAILABLE))
+    server.service.script(resync())
+    # Any backoff after five failures would be seconds long: the re-list can only come at once.
+    cache = make_cache(backoff_base=1.0, backoff_cap=30.0, rand=lambda: 0.001)
+    relist = server.service.call(8)
+    assert relist.since is None
+    assert cache.stats().last_backoff == 0.0
+    relist.push(snapshot(900, entry("a", 2, 2, 800)))
+    cache.wait_ready(10)
+
+
 def test_a_resync_relists_and_deletes_what_vanished_keeping_old_values_until_the_snapshot_is_done(
     server: ScriptedServer, make_cache: CacheFactory
 ) -> None:
@@ -747,18 +761,24 @@ def test_the_backoff_resets_only_after_a_stream_stayed_healthy_for_the_stable_pe
     assert b.failures == 1
 
 
-def test_a_clean_end_is_immediate_once_per_stable_period_and_only_after_a_healthy_stream() -> None:
+def test_clean_ends_and_resyncs_restart_at_once_after_failures_but_not_in_an_endless_row() -> None:
     clock = FakeClock()
     b = Backoff(base=0.1, cap=10.0, stable_after=30.0, rand=lambda: 1.0, clock=clock)
-    assert b.after_end() == pytest.approx(0.1)  # the stream said nothing
+    assert b.after_end() == pytest.approx(0.1)  # the stream said nothing: a failure
+    for _ in range(4):
+        b.after_failure()
+    b.healthy()  # back after an outage, and the server answers resync: re-list at once
+    assert b.after_end() == 0.0
+    b.healthy()
+    assert b.after_end() == 0.0
     b.healthy()
     assert b.after_end() == 0.0
     b.healthy()
     clock.advance(5.0)
-    assert b.after_end() == pytest.approx(0.2)  # again within the stable period: backed off
+    assert b.after_end() == pytest.approx(3.2)  # a fourth in a row, none stable: backed off
     b.healthy()
     clock.advance(30.0)
-    assert b.after_end() == 0.0
+    assert b.after_end() == 0.0  # a stable stream resets both
     assert b.failures == 0
 
 
