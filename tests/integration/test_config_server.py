@@ -14,6 +14,10 @@ import contextlib
 import functools
 import json
 import queue
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +25,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -45,6 +50,7 @@ TAGS = frozenset({"tenantconfig", "paramconfig"})
 AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SERVICE = "tagbus.config.v1.ConfigService"
 T = TypeVar("T")
+_ROOT = Path(__file__).resolve().parents[2]
 
 
 class FeedSource:
@@ -783,6 +789,30 @@ def test_sse_sends_comment_keepalives_and_progress_on_a_quiet_stream() -> None:
         assert ": keepalive" in seen
 
 
+def test_an_sse_watcher_that_stops_reading_is_cut_and_its_connection_closed() -> None:
+    with running(watcher_queue_size=5, cut_grace_seconds=0.3, max_streams_per_tenant=1) as config:
+        config.start_ready()
+        with sse_watch(config, token(), params={"prefix": "tenantconfig:"}) as stuck:
+            events = sse_events(stuck)
+            assert next(events).name == "snapshot"
+
+            position = 100
+            while not config.on_loop(lambda: config.server.stats.cuts["sse"]):
+                position += 1
+                config.feed(change(f"tenantconfig:k{position % 50}", position, position, BIG))
+                assert position < 2_000, "the stuck watcher was never cut"
+            eventually(lambda: config.on_loop(lambda: config.server.stats.open["sse"]) == 0, what="stream closed")
+            assert config.on_loop(lambda: config.server.stats.interrupted["sse"]) == 1
+            # The tenant's one stream slot is free again.
+            with sse_watch(config, token()) as again:
+                assert again.status_code == 200
+
+            # What was in flight arrives, then the connection ends without a clean end of stream.
+            with pytest.raises(httpx.RemoteProtocolError):
+                for event in events:
+                    assert event.name == "set"
+
+
 def test_sse_refusals_are_problem_details_before_the_stream(config: Running) -> None:
     url = f"{config.http}/v1/config:watch"
     auth = {"authorization": f"Bearer {token()}"}
@@ -833,3 +863,80 @@ def test_stop_ends_open_streams_cleanly_after_a_progress() -> None:
         with pytest.raises(StopIteration):
             next(call)
         stopping.result(15)
+
+
+# -- the process entry point ---------------------------------------------------------------
+
+RUN_SCRIPT = """
+import logging, sys
+from config_server.server import run
+from config_server.settings import ConfigServerSettings
+from kernel.auth import AuthSettings, TokenVerifier
+
+class Source:
+    def run(self, sink, stop):
+        sink.caught_up(lag_ms=0)
+        if sys.argv[1] == "serve":
+            stop.wait()
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+settings = ConfigServerSettings(grpc_port=0, http_port=0)
+verifier = TokenVerifier(AuthSettings(jwt_secret="a-secret-only-this-child-process-knows"))
+sys.exit(run(settings, source=Source(), verifier=verifier, tags={"tenantconfig"}))
+"""
+
+
+@contextmanager
+def server_process(mode: str) -> Iterator[tuple[subprocess.Popen[str], queue.Queue[str]]]:
+    """``run()`` in a child process with a source that catches up and then waits (``serve``) or returns."""
+    lines: queue.Queue[str] = queue.Queue()
+    with subprocess.Popen(
+        [sys.executable, "-c", RUN_SCRIPT, mode], stderr=subprocess.PIPE, text=True, cwd=str(_ROOT)
+    ) as process:
+        stderr = process.stderr
+        assert stderr is not None
+
+        def read() -> None:
+            for line in stderr:
+                lines.put(line)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            yield process, lines
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
+            reader.join(10)
+
+
+def ports_of(lines: queue.Queue[str]) -> tuple[int, int]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        found = re.search(r"gRPC on [^ ]+:(\d+), HTTP on [^ ]+:(\d+)", line)
+        if found:
+            return int(found[1]), int(found[2])
+    raise AssertionError("the server did not log its ports")
+
+
+def test_run_serves_until_sigterm_and_exits_cleanly() -> None:
+    with server_process("serve") as (process, lines):
+        grpc_port, http_port = ports_of(lines)
+        eventually(lambda: httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200, what="ready")
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status == (
+                health_pb2.HealthCheckResponse.SERVING
+            )
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+
+
+def test_run_exits_with_an_error_when_the_source_stops_on_its_own() -> None:
+    with server_process("return") as (process, _):
+        assert process.wait(30) == 1
