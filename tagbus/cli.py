@@ -22,7 +22,7 @@ from tagbus import settings as settings_mod
 from tagbus.settings import Settings, SettingsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tagbus: an event pipeline for multi-tenant config.")
-config_app = typer.Typer(no_args_is_help=True, help="Read config keys from their read models.")
+config_app = typer.Typer(no_args_is_help=True, help="Read config keys from their read models, or watch them live.")
 app.add_typer(config_app, name="config")
 
 out = Console(width=None if sys.stdout.isatty() else 132)
@@ -173,6 +173,60 @@ def config_list(
     out.print(table)
 
 
+@config_app.command("watch")
+def config_watch(
+    tenant: Annotated[str, typer.Option(help="Tenant to watch as (a dev token is made for it).")],
+    prefix: Annotated[
+        list[str] | None, typer.Option(help="Key prefix, e.g. tenantconfig:features/ (repeatable; default: all).")
+    ] = None,
+    since: Annotated[
+        int | None, typer.Option(help="Also print the keys whose current value was set after this position.")
+    ] = None,
+    json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the first snapshot.")] = 15.0,
+) -> None:
+    """Print each change of a tenant's config as the config server pushes it, with its delay.
+
+    The delay runs from the change's ``updated_at`` (recorded by the bus) to its arrival here.
+    Ctrl-C stops (exit 0).
+    """
+    import logging
+    import threading
+
+    from config_client import ConfigClientError
+    from tagbus.watching import ServerUnreachable, StampedWatch, WatchPrinter
+
+    s = _settings()
+    _secret(s)
+    # The SDK logs refusals and reconnects; here the one-line error and the state lines say it.
+    logging.getLogger("config_client").addHandler(logging.NullHandler())
+    logging.getLogger("config_client").propagate = False
+    prefixes = prefix or [""]
+    printer = WatchPrinter(sys.stdout, tenant=tenant, as_json=json, since=since)
+    watch = StampedWatch(
+        s.grpc_target,
+        # A callable: every (re)connection gets a fresh token, so a long watch outlives one.
+        token=lambda: _dev_token(s, tenant, scope="config:read"),
+        prefixes=prefixes,
+        on_arrival=printer.arrived,
+    )
+    try:
+        try:
+            watch.start(connect_timeout)
+        except ServerUnreachable as e:
+            raise CliError(str(e)) from e
+        except ConfigClientError as e:
+            raise CliError(f"config server at {s.grpc_target} refused the watch: {e}") from e
+        printer.ready(prefixes, keys=len(watch.cache.items()), position=watch.cache.position)
+        while True:
+            threading.Event().wait(0.5)
+            printer.state(watch.cache.state, position=watch.cache.position, error=watch.cache.last_error)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watch.close()
+
+
 @app.command()
 def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply the Alembic migrations to TAGBUS_DATABASE_URL and create the tailer's slot."""
@@ -241,6 +295,24 @@ def consumer() -> None:
         raise CliError(str(e)) from e
     if code:
         raise CliError(f"the MultiLangDaemon exited with {code}")
+
+
+@app.command("config-server")
+def config_server() -> None:
+    """Run the config server (gRPC ConfigService, Server-Sent Events) in the foreground."""
+    import logging
+
+    from tagbus import compose
+
+    s = _settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    try:
+        code = compose.run_config_server(s)
+    except SettingsError as e:
+        raise CliError(str(e)) from e
+    if code:
+        raise CliError(f"the config server exited with {code}")
 
 
 @app.command()

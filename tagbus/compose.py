@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
+from consumers.daemon import APPLICATION_NAME as CONSUMER_APPLICATION
 from consumers.processor import ConfigProjectionProcessor, build_processor
 from event_bus.app import create_app
+from kernel.auth import TokenVerifier
 from projections.errors import InvalidConfigKey, UnknownTag
 from projections.model import ConfigItem
 from projections.router import TagRouter
@@ -25,6 +27,8 @@ from tagbus.settings import Settings
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_ssm import SSMClient
+
+    from config_server.source import ChangeSource
 
 
 def tag_router(dynamodb: DynamoDBClient, ssm: SSMClient) -> TagRouter:
@@ -92,3 +96,38 @@ def _item_json(item: ConfigItem) -> dict[str, Any]:
 def bus_app(settings: Settings) -> FastAPI:
     router = build_router(settings)
     return create_app(settings.bus(), tags=router.registered_tags, config_reader=RouterConfigReader(router))
+
+
+def config_source(settings: Settings, router: TagRouter) -> ChangeSource:
+    """Where the config server's changes come from: the Kinesis stream, or an upstream server.
+
+    From Kinesis, the server starts at the KCL consumer's checkpoints (its lease table), after
+    a snapshot of the read models through ``router``.
+    """
+    from config_server.kinesis import KinesisChangeSource
+
+    # The source retries with its own per-shard backoff; botocore's retries would only hide
+    # an endpoint that hangs from it.
+    kinesis = aws.client(
+        settings, "kinesis", connect_timeout=5, read_timeout=15, retries={"mode": "standard", "max_attempts": 1}
+    )
+    return KinesisChangeSource(
+        kinesis,
+        aws.client(settings, "dynamodb"),
+        router,
+        stream_name=settings.stream_name,
+        lease_table=CONSUMER_APPLICATION,
+    )
+
+
+def run_config_server(settings: Settings) -> int:
+    """Run the config server until SIGTERM/SIGINT (``tagbus config-server``); its exit code."""
+    from config_server.server import run
+
+    router = build_router(settings)
+    return run(
+        settings.config_server(),
+        source=config_source(settings, router),
+        verifier=TokenVerifier(settings.auth),
+        tags=router.registered_tags,
+    )

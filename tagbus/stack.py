@@ -19,6 +19,7 @@ moto       ``moto_server`` (SSM Parameter Store, CloudWatch)           5000
 bus        ``python -m tagbus bus``                                    8080 /healthz
 tailer     ``python -m tagbus tailer``                                 (alive)
 consumer   ``python -m tagbus consumer``                               (alive)
+config     ``python -m tagbus config-server``                          50051 gRPC health, 8081
 =========  ==========================================================  ===============
 """
 
@@ -69,7 +70,7 @@ __all__ = [
 ]
 
 INFRA_PARTS: tuple[str, ...] = ("postgres", "kinesis", "dynamodb", "moto")
-APP_PARTS: tuple[str, ...] = ("bus", "tailer", "consumer")
+APP_PARTS: tuple[str, ...] = ("bus", "tailer", "consumer", "config")
 ALL_PARTS: tuple[str, ...] = INFRA_PARTS + APP_PARTS
 
 _POSTGRES_USER = "postgres"
@@ -104,6 +105,8 @@ class StackConfig:
     dynamodb_port: int = 8000
     moto_port: int = 5000
     http_port: int = 8080
+    grpc_port: int = 50051
+    config_http_port: int = 8081
     stream_name: str = "tagbus-events"
     stream_shards: int = 1
     region: str = "us-east-1"
@@ -112,8 +115,8 @@ class StackConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, root: Path | None = None) -> StackConfig:
         """The default layout, with ports overridable (``TAGBUS_PG_PORT``, ``TAGBUS_KINESIS_PORT``,
-        ``TAGBUS_KINESIS_TLS_PORT``, ``TAGBUS_DYNAMODB_PORT``, ``TAGBUS_MOTO_PORT``, ``TAGBUS_HTTP_PORT``)
-        so that two checkouts can run their stacks side by side."""
+        ``TAGBUS_KINESIS_TLS_PORT``, ``TAGBUS_DYNAMODB_PORT``, ``TAGBUS_MOTO_PORT``, ``TAGBUS_HTTP_PORT``,
+        ``TAGBUS_GRPC_PORT``, ``TAGBUS_CONFIG_HTTP_PORT``) so that two checkouts can run their stacks side by side."""
         env = os.environ if environ is None else environ
         names = {
             "postgres_port": "TAGBUS_PG_PORT",
@@ -122,6 +125,8 @@ class StackConfig:
             "dynamodb_port": "TAGBUS_DYNAMODB_PORT",
             "moto_port": "TAGBUS_MOTO_PORT",
             "http_port": "TAGBUS_HTTP_PORT",
+            "grpc_port": "TAGBUS_GRPC_PORT",
+            "config_http_port": "TAGBUS_CONFIG_HTTP_PORT",
         }
         ports: dict[str, int] = {}
         for field_name, var in names.items():
@@ -223,6 +228,8 @@ def stack_env(config: StackConfig | None = None) -> dict[str, str]:
         "TAGBUS_DATABASE_URL": cfg.database_url,
         "TAGBUS_STREAM_NAME": cfg.stream_name,
         "TAGBUS_HTTP_PORT": str(cfg.http_port),
+        "TAGBUS_GRPC_PORT": str(cfg.grpc_port),
+        "TAGBUS_CONFIG_HTTP_PORT": str(cfg.config_http_port),
         "TAGBUS_JWT_SECRET": _jwt_secret(cfg),
         # kinesis-mock takes a few hundred records/s and slows as its stream grows: the local
         # tailer packs events into KPL records (the KCL de-aggregates) unless told otherwise.
@@ -291,6 +298,15 @@ def part_specs(config: StackConfig | None = None) -> dict[str, PartSpec]:
             signal_group=False,
             timeout=120.0,
             strays=lambda: daemon_processes(cfg.state / "kcl-run"),
+        ),
+        # Healthy once it has caught up with the stream (it answers NOT_SERVING until then).
+        _app_spec(
+            cfg,
+            "config",
+            command="config-server",
+            health=lambda: _config_server_ok(cfg),
+            ports=(cfg.grpc_port, cfg.config_http_port),
+            timeout=120.0,
         ),
     ]
     return {spec.name: spec for spec in specs}
@@ -447,13 +463,15 @@ def _app_spec(
     signal_group: bool = True,
     ports: tuple[int, ...] = (),
     timeout: float = 60.0,
+    command: str | None = None,
     strays: Callable[[], Sequence[int]] | None = None,
 ) -> PartSpec:
+    command = command or name
     return PartSpec(
         name=name,
-        argv=(str(cfg.venv_python), "-m", "tagbus", name),
+        argv=(str(cfg.venv_python), "-m", "tagbus", command),
         cwd=cfg.root.resolve(),
-        marker=f"-m tagbus {name}",
+        marker=f"-m tagbus {command}",
         ports=ports,
         health=health or (lambda: None),
         env_factory=lambda: stack_env(cfg),
@@ -801,6 +819,25 @@ def _consumer_ok(cfg: StackConfig) -> None:
     owned = {item["leaseKey"]["S"] for item in leases if item.get("leaseOwner", {}).get("S") == me}
     if not open_shards <= owned:
         raise StackError(f"no KCL lease yet for {', '.join(sorted(open_shards - owned))}")
+
+
+#: The service whose health ``tagbus up`` waits for: the config server reports it SERVING
+#: only once its change source has caught up.
+CONFIG_SERVICE = "tagbus.config.v1.ConfigService"
+
+
+def _config_server_ok(cfg: StackConfig) -> None:
+    """The gRPC health check of the config service answers SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}") as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=CONFIG_SERVICE), timeout=2.0
+        )
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        raise StackError(f"{CONFIG_SERVICE} is {status} (still catching up with the stream?)")
 
 
 def _moto_ok(cfg: StackConfig) -> None:
