@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import platform
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,8 +73,9 @@ from bench.config_watch_measure import (
 from bench.config_watch_watchers import WatcherProcess, WatchSpec
 from config_api.v1 import config_pb2, config_pb2_grpc
 from config_client import ConfigCache
+from projections.model import ConfigChange
 from projections.stores.dynamodb import DynamoDBConfigStore
-from tagbus import aws, lifecycle
+from tagbus import aws, compose, lifecycle
 from tagbus import settings as settings_mod
 
 WRK_SCRIPT = Path(__file__).with_name("wrk") / "get_config.lua"
@@ -393,6 +396,54 @@ def _pid(settings: settings_mod.Settings, part: str) -> int | None:
         return None
 
 
+class _ShadowSink:
+    """Records when a Kinesis change source, the server's own code, applies each change of this run.
+
+    A second reader of the stream in the bench process, beside the server: it shows the
+    Kinesis → server stage, which the server does not time per change.
+    """
+
+    def __init__(self, tenant_prefix: str) -> None:
+        self._prefix = tenant_prefix
+        #: ``(tenant, key, version)`` → seconds from the change's ``recorded_at`` to its ``apply``.
+        self.applied: dict[tuple[str, str, int], float] = {}
+        self.ready = threading.Event()
+        self.failures = 0
+
+    def load(self, entries: Iterable[ConfigChange]) -> None:
+        for _ in entries:
+            pass
+
+    def apply(self, changes: Sequence[ConfigChange]) -> None:
+        now = time.time()
+        for change in changes:
+            if change.tenant.startswith(self._prefix):
+                key = (change.tenant, str(change.key), change.version)
+                self.applied.setdefault(key, now - change.updated_at.timestamp())
+
+    def caught_up(self, *, lag_ms: int) -> None:
+        self.ready.set()
+
+    def source_failed(self, error: Exception) -> None:
+        self.failures += 1
+
+
+@contextlib.contextmanager
+def _shadow_source(settings: settings_mod.Settings, tenant_prefix: str) -> Iterator[_ShadowSink]:
+    sink = _ShadowSink(tenant_prefix)
+    stop = threading.Event()
+    source = compose.config_source(settings, compose.build_router(settings))
+    thread = threading.Thread(target=source.run, args=(sink, stop), name="shadow-source", daemon=True)
+    thread.start()
+    try:
+        if not sink.ready.wait(120):
+            raise TimeoutError("the shadow Kinesis source did not catch up within 120 s")
+        yield sink
+    finally:
+        stop.set()
+        thread.join(30)
+
+
 @dataclass(frozen=True, slots=True)
 class _Phase:
     """One rate of one watcher count, as measured while it ran (deliveries are matched afterwards)."""
@@ -406,6 +457,8 @@ class _Phase:
     server_after: ProcessSample | None
     watcher_cpu_seconds: float
     machine_cpu_seconds: float
+    #: Seconds the CPU figures cover (the load, from just before it to just after it).
+    cpu_window: float
 
 
 async def propagation_row(settings: settings_mod.Settings, sizes: Sizes, run: str) -> list[dict[str, Any]]:
@@ -413,6 +466,21 @@ async def propagation_row(settings: settings_mod.Settings, sizes: Sizes, run: st
     tenants = bench_tenants(settings.auth.jwt_secret, run, sizes.tenants)
     probe_tenant = bench_tenants(settings.auth.jwt_secret, f"{run}probe", 1)[0]
     keys = [f"{PREFIX}k{i:03d}" for i in range(sizes.keys_per_tenant)]
+    # Blocks the loop while the shadow source snapshots the read models: nothing else runs yet.
+    with _shadow_source(settings, f"cw-{run}-") as shadow:
+        rows = await _propagation(settings, sizes, tenants=tenants, probe_tenant=probe_tenant, keys=keys, shadow=shadow)
+    return rows
+
+
+async def _propagation(
+    settings: settings_mod.Settings,
+    sizes: Sizes,
+    *,
+    tenants: list[Tenant],
+    probe_tenant: Tenant,
+    keys: list[str],
+    shadow: _ShadowSink,
+) -> list[dict[str, Any]]:
     tailer_url = f"http://127.0.0.1:{settings.environ.get('TAGBUS_TAILER_METRICS_PORT', '9464')}/metrics"
     server_url = f"{settings.config_base_url}/metrics"
     server_pid = _pid(settings, "config")
@@ -439,14 +507,13 @@ async def propagation_row(settings: settings_mod.Settings, sizes: Sizes, run: st
                 phases: list[_Phase] = []
                 for rate in sizes.rates:
                     before = (await _scrape(bus, tailer_url), await _scrape(bus, server_url))
+                    stop = asyncio.Event()
+                    probes = _Probes([])
+                    prober = asyncio.create_task(_probe_read_path(bus, probe_tenant, stop, probes, slot=0))
                     cpu_before = ProcessSample.of(server_pid) if server_pid else None
                     watchers_before = [ProcessSample.of(w.pid) for w in watchers]
                     machine_before = machine_cpu_seconds()
-                    stop = asyncio.Event()
-                    probes = _Probes([])
-                    probers = [
-                        asyncio.create_task(_probe_read_path(bus, probe_tenant, stop, probes, slot=s)) for s in range(1)
-                    ]
+                    wall = time.monotonic()
                     ledger = await run_load(
                         bus,
                         tenants,
@@ -454,18 +521,20 @@ async def propagation_row(settings: settings_mod.Settings, sizes: Sizes, run: st
                         seconds=sizes.propagation_warmup + sizes.propagation_seconds,
                         keys_per_tenant=sizes.keys_per_tenant,
                     )
-                    stop.set()
-                    await asyncio.gather(*probers)
+                    # CPU over the load alone (the prober may still wait for its last probe).
                     cpu_after = ProcessSample.of(server_pid) if server_pid else None
                     machine = machine_cpu_seconds() - machine_before
                     watcher_cpu = sum(
                         ProcessSample.of(w.pid).cpu_seconds - b.cpu_seconds
                         for w, b in zip(watchers, watchers_before, strict=True)
                     )
+                    wall = time.monotonic() - wall
+                    stop.set()
+                    await prober
                     await asyncio.sleep(3.0)  # deliveries still in flight
                     after = (await _scrape(bus, tailer_url), await _scrape(bus, server_url))
                     phases.append(
-                        _Phase(rate, ledger, probes, before, after, cpu_before, cpu_after, watcher_cpu, machine)
+                        _Phase(rate, ledger, probes, before, after, cpu_before, cpu_after, watcher_cpu, machine, wall)
                     )
                     _log(f"    {rate:g} changes/s: {ledger.achieved_rate:,.0f}/s posted, {ledger.failed} failed")
                 records = [w.stop() for w in watchers]
@@ -494,6 +563,7 @@ async def propagation_row(settings: settings_mod.Settings, sizes: Sizes, run: st
                         from_ack.append(received - acked)
                         from_commit.append(received - updated)
                         bus_stage[(tenant_name, key, version)] = acked - updated
+                to_source = [shadow.applied[k] for k in counted if k in shadow.applied]
                 server_cpu = (
                     cpu_after.cpu_seconds - cpu_before.cpu_seconds if cpu_before is not None and cpu_after else math.nan
                 )
@@ -507,7 +577,7 @@ async def propagation_row(settings: settings_mod.Settings, sizes: Sizes, run: st
                     "failed": ledger.failed,
                     "requests_per_s": ledger.requests / seconds if seconds else math.nan,
                     "late_slots": ledger.late_slots,
-                    "generator_cpu_cores": ledger.cpu_seconds / seconds if seconds else math.nan,
+                    "generator_cpu_cores": ledger.cpu_seconds / phase.cpu_window,
                     "post": summary(ledger.post_seconds),
                     "window_s": window,
                     "deliveries_expected": expected,
@@ -516,15 +586,17 @@ async def propagation_row(settings: settings_mod.Settings, sizes: Sizes, run: st
                     "ack_to_watcher": summary(from_ack),
                     "commit_to_watcher": summary(from_commit),
                     "recorded_to_201": summary(list(bus_stage.values())),
+                    "commit_to_source_apply": summary(to_source),
+                    "shadow_source_failures": shadow.failures,
                     "baseline_ack_to_get_visible": summary(probes.samples) | {"late": probes.late},
                     "commit_to_kinesis_ack": _histograms(phase.before[0], phase.after[0], contains="commit_to_ack"),
                     "server_deliveries": metric_sum(phase.after[1], "config_server_deliveries_total")
                     - metric_sum(phase.before[1], "config_server_deliveries_total"),
                     "server_source_lag_s_after": metric_sum(phase.after[1], "config_server_source_lag_seconds"),
-                    "server_cpu_cores": server_cpu / seconds if seconds else math.nan,
+                    "server_cpu_cores": server_cpu / phase.cpu_window,
                     "server_rss_mib": cpu_after.rss_bytes / 2**20 if cpu_after else math.nan,
-                    "watcher_cpu_cores": phase.watcher_cpu_seconds / seconds if seconds else math.nan,
-                    "machine_busy_cores": phase.machine_cpu_seconds / seconds if seconds else math.nan,
+                    "watcher_cpu_cores": phase.watcher_cpu_seconds / phase.cpu_window,
+                    "machine_busy_cores": phase.machine_cpu_seconds / phase.cpu_window,
                     "watch_errors": errors,
                     "resyncs": sum(r.resyncs for r in records),
                 }
@@ -796,16 +868,18 @@ def _propagation_md(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Where the time goes (p50 / p99 ms) and what it cost (CPU cores over the run):",
         "",
-        "| watchers | changes/s | recorded → 201 (bus) | commit → Kinesis ack (tailer) | commit → watcher "
-        "| ≈ Kinesis → server → watcher (p50) | config server | watcher processes | generator | machine busy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| watchers | changes/s | recorded → 201 (bus) | commit → Kinesis ack (tailer) | commit → source apply "
+        "(shadow source) | commit → watcher | ≈ server → watcher (p50) | config server | watcher processes "
+        "| generator | machine busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         kin: dict[str, float] = next(iter(row["commit_to_kinesis_ack"].values()), {})
-        rest = row["commit_to_watcher"]["p50_ms"] - kin.get("p50_ms", math.nan)
+        rest = row["commit_to_watcher"]["p50_ms"] - row["commit_to_source_apply"]["p50_ms"]
         lines.append(
             f"| {row['watchers']:,} | {row['target_rate']:,.0f} | {_pair(row['recorded_to_201'])} "
-            f"| {_pair(kin) if kin else '-'} | {_pair(row['commit_to_watcher'])} | {_ms({'p50_ms': rest}, 'p50_ms')} "
+            f"| {_pair(kin) if kin else '-'} | {_pair(row['commit_to_source_apply'])} "
+            f"| {_pair(row['commit_to_watcher'])} | {_ms({'p50_ms': rest}, 'p50_ms')} "
             f"| {row['server_cpu_cores']:.2f} | {row['watcher_cpu_cores']:.2f} | {row['generator_cpu_cores']:.2f} "
             f"| {row['machine_busy_cores']:.2f} of {os.cpu_count()} |"
         )
@@ -823,10 +897,12 @@ def _propagation_md(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Stages: *recorded → 201* is the bus from the event's `recorded_at` (its insert) to the answer read by the "
         "generator; *commit → Kinesis ack* is the tailer's own histogram over the run (bucket-interpolated); "
-        "*commit → watcher* is from `recorded_at` (the change's `updated_at`) to the watcher reading it. The config "
-        "server exposes no per-change timing, so *Kinesis → server → watcher* is the difference of the two p50s; "
-        "its Kinesis source polls each shard every 200 ms when idle (the KCL's minimum), so about 100 ms of it is "
-        "the poll on average, and the scale row below times server → watcher alone.",
+        "*commit → source apply* is a second `KinesisChangeSource` (the server's own code, with its own shard "
+        "iterators) run in the bench process, timed from `recorded_at` to its `sink.apply`: the config server "
+        "exposes no per-change timing, so this shadow reader stands for the server's Kinesis → memory stage (it "
+        "polls each shard every 200 ms when idle, the KCL's minimum, so about 100 ms of it is the poll on "
+        "average); *commit → watcher* is from `recorded_at` (the change's `updated_at`) to the watcher reading "
+        "it, and *server → watcher* the difference of the two p50s (the scale row below times it alone).",
     ]
     return lines
 
