@@ -283,3 +283,36 @@ def test_a_server_restart_is_ridden_through_serving_the_last_values_then_converg
     del by_key["drop"]
     assert by_key == {"keep": [1], "edit": [1, 2, 3], "added": [1, 2]}
     assert cache.stats().reconnects >= 1
+
+
+def test_a_reader_too_slow_for_the_server_is_cut_relists_and_converges() -> None:
+    """A callback that holds the stream's thread lets the server's queue for it fill."""
+    live = LiveServer(watcher_queue_size=8, cut_grace_seconds=1.0)
+    live.start(change("k0", 1, 100, "x"))
+    release = threading.Event()
+    versions: dict[str, list[int]] = {}
+
+    def slow(event: ChangeEvent) -> None:
+        release.wait(30)
+        versions.setdefault(event.key, []).append(event.version)
+
+    blob = "x" * 4096
+    try:
+        with ConfigCache(live.target, token=token(), prefixes=[PREFIX], on_change=slow) as cache:
+            release.set()
+            cache.wait_ready(15)
+            release.clear()
+            live.feed(change("k0", 2, 101, blob))  # the callback now holds the stream's thread
+            live.feed(*(change(f"k{i % 50}", 2 + i // 50 + (i % 50 == 0), 102 + i, blob) for i in range(3000)))
+            release.set()
+            wait_until(lambda: cache.stats().resyncs >= 1, "the server to cut the stream with a resync")
+            wait_until(lambda: cache.position is not None and cache.position >= 3101, "convergence", timeout=60)
+            cache.wait_ready(30)
+            held = {i.key: i.version for i in cache.items()}
+        assert held == {
+            PREFIX + f"k{k}": max(2 + i // 50 + (i % 50 == 0) for i in range(k, 3000, 50)) for k in range(50)
+        }
+        for seen in versions.values():
+            assert seen == sorted(set(seen))
+    finally:
+        live.stop()
