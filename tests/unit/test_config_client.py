@@ -845,7 +845,9 @@ def test_the_sdk_imports_with_the_servers_dependencies_blocked() -> None:
 
         BLOCKED = {"kernel", "projections", "event_bus", "config_server", "tagbus", "tailer",
                    "consumers", "producers", "boto3", "botocore", "psycopg", "psycopg_pool",
-                   "sqlalchemy", "fastapi", "starlette", "jwt", "httpx"}
+                   "sqlalchemy", "fastapi", "starlette", "jwt", "httpx", "uvicorn",
+                   # Installed beside grpcio here (grpc imports them if present), not needed.
+                   "grpc_health", "grpc_reflection", "grpc_tools"}
 
         class Refuse(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
