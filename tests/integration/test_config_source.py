@@ -4,11 +4,14 @@ pipeline in front of them (bus → PostgreSQL → tailer → Kinesis → KCL con
 Config events go in through the bus; a :class:`KinesisChangeSource` with a recording sink must
 end with exactly what ``router.scan()`` shows once the pipeline settled, including keys changed
 while it was starting, tombstones kept. Resharding runs on a throwaway stream of kinesis-mock.
+Chaining: an :class:`UpstreamChangeSource` watching a real config server fed from the stack.
 The stack must be running (``tagbus up``); these tests never start or stop its parts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -16,14 +19,18 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from config_server.checkpoints import CheckpointKind, read_checkpoints
 from config_server.kinesis import KinesisChangeSource, KinesisUnavailable
+from config_server.server import ConfigServer
+from config_server.settings import ConfigServerSettings
+from config_server.upstream import UpstreamChangeSource, UpstreamUnavailable
 from consumers.daemon import APPLICATION_NAME
 from devtools.ports import free_port
-from kernel.auth import issue_dev_token
+from kernel.auth import TokenVerifier, issue_dev_token
 from kernel.envelope import CONFIG_SET, StoredEvent
 from producers import TagbusClient
 from producers.client import new_event
@@ -334,3 +341,82 @@ def test_an_unreachable_endpoint_is_reported_and_retried_until_stopped(
     sink.wait_for(lambda s: len(s.failures) >= 3, timeout=SETTLE, what="three reported failures")
     assert all(isinstance(e, KinesisUnavailable) for e in sink.failures)
     assert thread.is_alive() and not sink.caught_up_lags
+
+
+@contextlib.contextmanager
+def config_server(live: settings_mod.Settings, router: TagRouter) -> Iterator[ConfigServer]:
+    """A real config server on free ports, fed by a Kinesis source on the stack, on its own loop."""
+    server = ConfigServer(
+        ConfigServerSettings(grpc_port=0, http_port=0),
+        source=stack_source(live, router),
+        verifier=TokenVerifier(live.auth),
+        tags=router.registered_tags,
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="upstream-server-loop", daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(15)
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_a_chained_source_converges_to_the_read_models_through_an_upstream_server(
+    live: settings_mod.Settings, router: TagRouter
+) -> None:
+    tenant = f"chn-{uuid.uuid4().hex[:10]}"
+    assert live.auth.jwt_secret
+    secret = live.auth.jwt_secret
+
+    def replicate_token() -> str:
+        return issue_dev_token(
+            secret,
+            tenant="replica",
+            scope="config:replicate",
+            issuer=live.auth.issuer,
+            audience=live.auth.audience,
+            now=time.time(),
+        )
+
+    with bus_client(live, tenant) as client, config_server(live, router) as upstream:
+        poster = Poster(client)
+        poster.set("tenantconfig:chain/a", 1)
+        poster.set("paramconfig:chain/p", {"deep": [1]})
+        poster.set("tenantconfig:chain/gone-before", "x")
+        poster.delete("tenantconfig:chain/gone-before")
+        source = UpstreamChangeSource(f"127.0.0.1:{upstream.grpc_port}", replicate_token)
+        sink, stop = RecordingSink(), threading.Event()
+        thread = threading.Thread(target=source.run, args=(sink, stop), name="upstream-source", daemon=True)
+        thread.start()
+        try:
+            sink.wait_for(lambda s: bool(s.caught_up_lags), timeout=SETTLE, what="the chained source's snapshot")
+            poster.set("tenantconfig:chain/a", 2)
+            poster.set("tenantconfig:chain/gone-after", "y")
+            poster.delete("tenantconfig:chain/gone-after")
+            wait_until(settled(router, tenant, poster), timeout=SETTLE, what="the read models")
+            expected = scanned(router, {tenant})
+
+            def converged(s: RecordingSink) -> bool:
+                # The upstream's snapshot lists live keys only: a key deleted before the
+                # chain started may be absent downstream rather than a tombstone.
+                state = s.tenant_state({tenant})
+                return all(
+                    state.get(slot) == c or (c.deleted and slot not in state) for slot, c in expected.items()
+                ) and set(state) <= set(expected)
+
+            sink.wait_for(converged, timeout=SETTLE, what="the chained state to equal the read models'")
+            state = sink.tenant_state({tenant})
+            assert state[(tenant, "tenantconfig:chain/gone-after")].deleted
+            assert state[(tenant, "tenantconfig:chain/a")].value == 2
+            # Before the upstream is ready it answers UNAVAILABLE, which the source retries.
+            assert all(
+                isinstance(e, UpstreamUnavailable) and e.code is grpc.StatusCode.UNAVAILABLE for e in sink.failures
+            )
+        finally:
+            stop.set()
+            thread.join(15)
+        assert not thread.is_alive()
