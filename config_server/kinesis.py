@@ -22,8 +22,11 @@ reports ``sink.caught_up(lag_ms=…)`` with the largest ``MillisBehindLatest``; 
 waits until every shard was read past what it held when the source started.
 
 Polling: Kinesis serves 5 ``GetRecords`` per second per shard, shared by every reader of the
-stream. A shard is polled again at once while it is behind and returned records, otherwise
-after ``idle_interval`` (200 ms, the KCL's minimum). Throttling, an unreachable endpoint and
+stream. A shard is polled again at once while it is behind by more than ``idle_interval``
+(``MillisBehindLatest``; a read may come back empty in a stretch of the shard without records
+and still be behind), otherwise after ``idle_interval`` (200 ms, the KCL's minimum): a shard
+that is only a few records behind its tip waits like an idle one rather than spending the
+shard's reads one call per record. Throttling, an unreachable endpoint and
 other transient failures back off per shard with jitter and are reported through
 ``sink.source_failed``; an expired iterator is opened again after the last record read;
 ``ListShards`` is read again every ``list_shards_interval`` and whenever a shard ends, so
@@ -422,7 +425,7 @@ class KinesisChangeSource:
             )
             # A merge's other parent or children the response did not name show up in the listing.
             self._next_listing = min(self._next_listing, now)
-        elif records and lag > 0:
+        elif lag > self._idle * 1000:
             shard.next_poll = now
         else:
             shard.next_poll = now + self._idle

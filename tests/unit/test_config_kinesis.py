@@ -556,6 +556,7 @@ def test_an_idle_shard_is_polled_no_faster_than_the_idle_interval_and_a_behind_o
     h.kinesis.add_shard("shard-1")
     for v in range(1, 8):
         h.kinesis.put_event("shard-1", event("acme", "tenantconfig:busy", v, v))
+    h.clock.now += 5.0  # a backlog five seconds old
     start = h.clock.now
     h.run(h.source(max_records=2), lambda: h.clock.now - start >= 10.0)
     idle = [e[1] for e in h.calls("GetRecords", "shard-0")]
@@ -566,6 +567,17 @@ def test_an_idle_shard_is_polled_no_faster_than_the_idle_interval_and_a_behind_o
     assert busy[1] == busy[0] and busy[2] == busy[0] and busy[3] == busy[0]
     assert busy[4] - busy[3] >= 0.2 - 1e-9
     assert h.versions("acme", "tenantconfig:busy") == list(range(1, 8))
+
+
+def test_a_shard_less_than_an_idle_interval_behind_waits_like_an_idle_one() -> None:
+    h = Harness()
+    h.kinesis.add_shard("shard-0")
+    for v in range(1, 5):
+        h.kinesis.put_event("shard-0", event("acme", "tenantconfig:k", v, v))
+    h.clock.now += 0.1
+    h.run(h.source(max_records=2), lambda: h.versions("acme", "tenantconfig:k") == [1, 2, 3, 4])
+    reads = [e[1] for e in h.calls("GetRecords", "shard-0")]
+    assert reads[1] - reads[0] >= 0.2 - 1e-9
 
 
 def test_the_first_caught_up_waits_until_the_backlog_present_at_the_start_is_read() -> None:
