@@ -7,28 +7,35 @@ The tag registry lives here (:func:`tag_router`): every part that needs the tags
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import socket
+import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
+from config_server.access import REPLICATE_SCOPE
 from consumers.daemon import APPLICATION_NAME as CONSUMER_APPLICATION
 from consumers.processor import ConfigProjectionProcessor, build_processor
 from event_bus.app import create_app
-from kernel.auth import TokenVerifier
+from kernel.auth import TokenVerifier, issue_dev_token
 from projections.errors import InvalidConfigKey, UnknownTag
 from projections.model import ConfigItem
 from projections.router import TagRouter
 from projections.stores.dynamodb import DynamoDBConfigStore
 from projections.stores.ssm import SSMConfigStore
 from tagbus import aws
-from tagbus.settings import Settings
+from tagbus.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_ssm import SSMClient
 
     from config_server.source import ChangeSource
+
+
+#: The tenant a chained server's development token names (its scope makes it span every tenant).
+REPLICA_TENANT = "config-replica"
 
 
 def tag_router(dynamodb: DynamoDBClient, ssm: SSMClient) -> TagRouter:
@@ -102,9 +109,14 @@ def config_source(settings: Settings, router: TagRouter) -> ChangeSource:
     """Where the config server's changes come from: the Kinesis stream, or an upstream server.
 
     From Kinesis, the server starts at the KCL consumer's checkpoints (its lease table), after
-    a snapshot of the read models through ``router``.
+    a snapshot of the read models through ``router``. With ``TAGBUS_CONFIG_UPSTREAM`` it
+    watches that server instead, with a ``config:replicate`` token.
     """
     from config_server.kinesis import KinesisChangeSource
+    from config_server.upstream import UpstreamChangeSource
+
+    if settings.config_upstream:
+        return UpstreamChangeSource(settings.config_upstream, replicate_token(settings))
 
     # The source retries with its own per-shard backoff; botocore's retries would only hide
     # an endpoint that hangs from it.
@@ -117,6 +129,31 @@ def config_source(settings: Settings, router: TagRouter) -> ChangeSource:
         router,
         stream_name=settings.stream_name,
         lease_table=CONSUMER_APPLICATION,
+    )
+
+
+def replicate_token(settings: Settings) -> Callable[[], str]:
+    """The token a chained server watches its upstream with: the configured one, or a dev token.
+
+    A development token is made anew for each watch, so it never expires under a long chain.
+    """
+    configured = settings.config_upstream_token
+    if configured:
+        return lambda: configured
+    secret = settings.auth.jwt_secret
+    if not secret:
+        raise SettingsError(
+            "TAGBUS_CONFIG_UPSTREAM needs TAGBUS_CONFIG_UPSTREAM_TOKEN (scope config:replicate),"
+            " or TAGBUS_JWT_SECRET to make a development one"
+        )
+    return lambda: issue_dev_token(
+        secret,
+        tenant=REPLICA_TENANT,
+        subject=f"config-server@{socket.gethostname()}",
+        scope=REPLICATE_SCOPE,
+        issuer=settings.auth.issuer,
+        audience=settings.auth.audience,
+        now=time.time(),
     )
 
 

@@ -44,8 +44,11 @@ class Settings:
     #: The config server's gRPC and HTTP (SSE, health, metrics) ports.
     grpc_port: int = 50051
     config_http_port: int = 8081
-    #: ``host:port`` of an upstream config server to chain to instead of reading Kinesis.
+    #: ``host:port`` of an upstream config server to chain to instead of reading Kinesis, and
+    #: the token (scope ``config:replicate``) to watch it with; without one, a development
+    #: token is made with the local HS256 secret.
     config_upstream: str | None = None
+    config_upstream_token: str | None = None
 
     def bus(self) -> BusSettings:
         return BusSettings(database_url=self.database_url, auth=self.auth)
@@ -140,6 +143,7 @@ def load(environ: Mapping[str, str] | None = None, *, home: Path | None = None) 
         grpc_port=_port(env, "TAGBUS_GRPC_PORT", 50051),
         config_http_port=_port(env, "TAGBUS_CONFIG_HTTP_PORT", 8081),
         config_upstream=_upstream(env.get("TAGBUS_CONFIG_UPSTREAM")),
+        config_upstream_token=env.get("TAGBUS_CONFIG_UPSTREAM_TOKEN") or None,
     )
 
 

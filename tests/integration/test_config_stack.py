@@ -345,3 +345,43 @@ def test_tagbus_config_watch_fails_in_one_line_when_no_server_answers(env: dict[
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "unreachable" in result.stderr
+
+
+# -- a server chained to the stack's ---------------------------------------------------------
+
+
+def test_a_server_chained_to_the_stack_part_serves_what_is_posted(
+    config_part: stack.PartStatus, cfg: stack.StackConfig, env: dict[str, str], tenant: str, tmp_path: Path
+) -> None:
+    grpc_port, http_port = free_port(), free_port()
+    chained = {
+        **env,
+        "TAGBUS_GRPC_PORT": str(grpc_port),
+        "TAGBUS_CONFIG_HTTP_PORT": str(http_port),
+        "TAGBUS_CONFIG_UPSTREAM": f"127.0.0.1:{cfg.grpc_port}",
+    }
+    log = tmp_path / "chained.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(TAGBUS), "config-server"], env=chained, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while not _ready(f"http://127.0.0.1:{http_port}/readyz"):
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"chained server not ready: {log.read_text()[-2000:]}"
+            time.sleep(0.2)
+        posted = post_change(cfg, env, tenant, "tenantconfig:chained/mode", "replica")
+        argv = [str(TAGBUS), "config", "watch", "--tenant", tenant, "--prefix", "tenantconfig:chained/", "--since", "0"]
+        with running([*argv, "--json"], chained) as stream:
+            line = stream.wait_for(lambda line: "tenantconfig:chained/mode" in line)
+        change = json.loads(line)
+        assert (change["value"], change["version"]) == ("replica", posted["version"])
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0, log.read_text()[-2000:]
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.TransportError:
+        return False
