@@ -14,7 +14,9 @@ from typing import Any, Final, Protocol
 
 import botocore.exceptions
 
+from kernel.aws_errors import ErrorKind, classify
 from kernel.envelope import StoredEvent
+from kernel.retry import Backoff, Jitter
 from tailer.errors import (
     KinesisRejectedError,
     KinesisThrottledError,
@@ -31,28 +33,6 @@ MAX_RECORD_BYTES: Final = 1_048_576
 MAX_BATCH_RECORDS: Final = 500
 MAX_BATCH_BYTES: Final = 5 * 1_048_576
 
-# Error codes are Kinesis' own (never message text). Whole-request throttling:
-_THROTTLE_CODES: Final = frozenset(
-    {
-        "ProvisionedThroughputExceededException",
-        "ThrottlingException",
-        "LimitExceededException",
-        "KMSThrottlingException",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-    }
-)
-_UNAVAILABLE_CODES: Final = frozenset(
-    {
-        "InternalFailure",
-        "InternalFailureException",
-        "InternalServerError",
-        "ServiceUnavailable",
-        "ServiceUnavailableException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-    }
-)
 # Per-entry ErrorCode of PutRecords → retry reason; any other per-entry code is fatal.
 _RETRYABLE_ENTRY_CODES: Final = {
     "ProvisionedThroughputExceededException": "throttled",
@@ -142,8 +122,7 @@ class KinesisPublisher:
         self._max_batch_records = max_batch_records
         self._max_batch_bytes = max_batch_bytes
         self._max_record_bytes = max_record_bytes
-        self._backoff_base = backoff_base_seconds
-        self._backoff_cap = backoff_cap_seconds
+        self._backoff = Backoff(backoff_base_seconds, backoff_cap_seconds, Jitter.FULL)
         # wait(seconds) -> True when a stop was requested (threading.Event.wait semantics).
         self._wait = wait or _sleep_never_stopped
         self._jitter = jitter
@@ -294,7 +273,7 @@ class KinesisPublisher:
                 if len(pending) < sent:
                     attempt = 0  # some records got through: capacity exists, keep the backoff short
             attempt += 1
-            delay = self._jitter() * min(self._backoff_cap, self._backoff_base * 2**attempt)
+            delay = self._backoff.delay(attempt + 1, rand=self._jitter)
             self._metrics.publish_retries.labels(reason).inc()
             LOG.warning(
                 "PutRecords to %s %s: retrying %d records in %.3fs (attempt %d)",
@@ -320,19 +299,14 @@ class KinesisPublisher:
     def _call(self, method: Callable[..., Mapping[str, Any]], **kwargs: Any) -> Mapping[str, Any]:
         try:
             return method(**kwargs)
-        except botocore.exceptions.ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", "Unknown"))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in _THROTTLE_CODES:
-                raise KinesisThrottledError(code) from exc
-            if code in _UNAVAILABLE_CODES or status >= 500:
-                raise KinesisUnavailableError(f"Kinesis answered {code} (HTTP {status})") from exc
-            raise KinesisRejectedError(code, str(error.get("Message", ""))) from exc
-        except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as exc:
-            raise KinesisUnavailableError(f"Kinesis endpoint unreachable: {type(exc).__name__}") from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise KinesisRejectedError(type(exc).__name__, str(exc)) from exc
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            failure = classify(exc)
+            if failure.kind is ErrorKind.THROTTLED:
+                raise KinesisThrottledError(failure.code) from exc
+            if failure.kind is ErrorKind.UNAVAILABLE:
+                where = f"HTTP {failure.status}" if failure.status else "endpoint unreachable"
+                raise KinesisUnavailableError(f"Kinesis answered {failure.code} ({where})") from exc
+            raise KinesisRejectedError(failure.code, failure.message) from exc
 
     def _still_pending(self, sent: list[_Entry], response: Mapping[str, Any]) -> tuple[list[_Entry], str | None]:
         """Entries to send again, in order, and the retry reason (``None`` when all are acknowledged)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -16,6 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from kernel.gc_tuning import quiet_collector
+from kernel.retry import Backoff, Jitter
 from tailer.decoder import ChangeDecoder, DecodedTransaction
 from tailer.errors import (
     DatabaseUnavailableError,
@@ -583,7 +583,7 @@ class LogTailer:
                     continue  # the next activation recovers the slot
                 except DatabaseUnavailableError as exc:
                     failures += 1
-                    delay = random.random() * min(self._reconnect_cap, 0.2 * 2**failures)
+                    delay = Backoff(0.2, self._reconnect_cap, Jitter.FULL).delay(failures + 1)
                     LOG.warning("database unavailable (%s); retrying in %.2fs", exc, delay)
                     self.close()
                     stop.wait(delay)

@@ -26,4 +26,4 @@ def test_delay_stays_in_its_band(attempt: int, rand: float, jitter: Jitter) -> N
 
 def test_nonsense_is_refused() -> None:
     with pytest.raises(ValueError):
-        Backoff(base=1.0, cap=0.5)
+        Backoff(base=1.0, cap=0.0)
