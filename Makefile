@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup up down demo test check lint types bench status clean reliability proto proto-check
 
-## setup: system packages (apt, as root), the virtualenv, kinesis-mock, DynamoDB Local and the KCL jars
+## setup: system packages (apt, as root), the virtualenv, kinesis-mock, DynamoDB Local, the KCL jars and grpcurl
 setup: $(STAMP)
 	$(PY) -m tagbus.install
 
@@ -29,7 +29,7 @@ down:
 status:
 	$(TAGBUS) status
 
-## demo: the main job end to end — post config events for two tenants, wait until both read models show them
+## demo: the main job end to end — watch two tenants, post their config, see each change pushed and stored
 demo: up
 	$(TAGBUS) demo
 
