@@ -110,12 +110,12 @@ FULL = Sizes(
     propagation_warmup=3,
 )
 QUICK = Sizes(
-    read_seconds=3,
+    read_seconds=2,
     read_keys=20,
-    watchers=(1, 100, 1000),
+    watchers=(1, 1000),
     rates=(100, 1000),
-    propagation_seconds=5,
-    propagation_warmup=2,
+    propagation_seconds=4,
+    propagation_warmup=1,
 )
 
 
@@ -396,6 +396,16 @@ def _pid(settings: settings_mod.Settings, part: str) -> int | None:
         return None
 
 
+def _sample(pid: int | None) -> ProcessSample | None:
+    """The process's figures, or ``None`` if it is gone (a shared stack's part may be restarted)."""
+    if pid is None:
+        return None
+    try:
+        return ProcessSample.of(pid)
+    except (OSError, StopIteration):
+        return None
+
+
 class _ShadowSink:
     """Records when a Kinesis change source, the server's own code, applies each change of this run.
 
@@ -483,7 +493,6 @@ async def _propagation(
 ) -> list[dict[str, Any]]:
     tailer_url = f"http://127.0.0.1:{settings.environ.get('TAGBUS_TAILER_METRICS_PORT', '9464')}/metrics"
     server_url = f"{settings.config_base_url}/metrics"
-    server_pid = _pid(settings, "config")
     loop = asyncio.get_running_loop()
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     rows: list[dict[str, Any]] = []
@@ -510,27 +519,30 @@ async def _propagation(
                     stop = asyncio.Event()
                     probes = _Probes([])
                     prober = asyncio.create_task(_probe_read_path(bus, probe_tenant, stop, probes, slot=0))
-                    cpu_before = ProcessSample.of(server_pid) if server_pid else None
-                    watchers_before = [ProcessSample.of(w.pid) for w in watchers]
-                    machine_before = machine_cpu_seconds()
-                    wall = time.monotonic()
-                    ledger = await run_load(
-                        bus,
-                        tenants,
-                        rate=rate,
-                        seconds=sizes.propagation_warmup + sizes.propagation_seconds,
-                        keys_per_tenant=sizes.keys_per_tenant,
-                    )
-                    # CPU over the load alone (the prober may still wait for its last probe).
-                    cpu_after = ProcessSample.of(server_pid) if server_pid else None
-                    machine = machine_cpu_seconds() - machine_before
-                    watcher_cpu = sum(
-                        ProcessSample.of(w.pid).cpu_seconds - b.cpu_seconds
-                        for w, b in zip(watchers, watchers_before, strict=True)
-                    )
-                    wall = time.monotonic() - wall
-                    stop.set()
-                    await prober
+                    try:
+                        server_pid = _pid(settings, "config")
+                        cpu_before = _sample(server_pid)
+                        watchers_before = [ProcessSample.of(w.pid) for w in watchers]
+                        machine_before = machine_cpu_seconds()
+                        wall = time.monotonic()
+                        ledger = await run_load(
+                            bus,
+                            tenants,
+                            rate=rate,
+                            seconds=sizes.propagation_warmup + sizes.propagation_seconds,
+                            keys_per_tenant=sizes.keys_per_tenant,
+                        )
+                        # CPU over the load alone (the prober may still wait for its last probe).
+                        cpu_after = _sample(server_pid) if cpu_before else None
+                        machine = machine_cpu_seconds() - machine_before
+                        watcher_cpu = sum(
+                            ProcessSample.of(w.pid).cpu_seconds - b.cpu_seconds
+                            for w, b in zip(watchers, watchers_before, strict=True)
+                        )
+                        wall = time.monotonic() - wall
+                    finally:
+                        stop.set()
+                        await prober
                     await asyncio.sleep(3.0)  # deliveries still in flight
                     after = (await _scrape(bus, tailer_url), await _scrape(bus, server_url))
                     phases.append(
@@ -626,7 +638,7 @@ class ScaleSizes:
 
 
 SCALE_FULL = ScaleSizes(tenants=1000, watchers_per_tenant=10, deliveries=(1_000, 5_000, 10_000), seconds=10)
-SCALE_QUICK = ScaleSizes(tenants=200, watchers_per_tenant=10, deliveries=(1_000, 2_000), seconds=4)
+SCALE_QUICK = ScaleSizes(tenants=200, watchers_per_tenant=10, deliveries=(1_000, 2_000), seconds=3)
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,7 +73,7 @@ FULL = TradeoffSizes(
     services=10, tenants_per_service=10, tenants=20, keys_per_tenant=10, rate=40, ttls=(1, 10, 60), warmup=60, window=30
 )
 QUICK = TradeoffSizes(
-    services=5, tenants_per_service=4, tenants=10, keys_per_tenant=10, rate=20, ttls=(1, 10, 60), warmup=8, window=10
+    services=5, tenants_per_service=4, tenants=10, keys_per_tenant=10, rate=20, ttls=(1, 10, 60), warmup=6, window=8
 )
 
 
