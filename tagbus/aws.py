@@ -1,17 +1,41 @@
-"""boto3 clients built from the settings (endpoint overrides included), never at import time."""
+"""boto3 clients built from the settings (endpoint overrides included), never at import time.
+
+The one factory of AWS clients: components receive them, never build them. The overloads
+give each service its typed client (``mypy-boto3-*`` stubs), so adapters are checked
+against the real API.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import boto3
 from botocore.config import Config
 
 from tagbus.settings import Settings
 
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+    from mypy_boto3_kinesis import KinesisClient
+    from mypy_boto3_ssm import SSMClient
+
+
+@overload
+def client(settings: Settings, service: Literal["kinesis"], **config: Any) -> KinesisClient: ...
+@overload
+def client(settings: Settings, service: Literal["dynamodb"], **config: Any) -> DynamoDBClient: ...
+@overload
+def client(settings: Settings, service: Literal["ssm"], **config: Any) -> SSMClient: ...
+@overload
+def client(settings: Settings, service: str, **config: Any) -> Any: ...
+
 
 def client(settings: Settings, service: str, **config: Any) -> Any:
-    """A boto3 client for ``service``; local endpoints come from ``AWS_ENDPOINT_URL_<SERVICE>``."""
+    """A boto3 client for ``service``; local endpoints come from ``AWS_ENDPOINT_URL_<SERVICE>``.
+
+    ``config`` goes to botocore's ``Config`` (timeouts, pool size); retries default to
+    botocore's standard mode with 3 attempts, and callers that retry themselves pass their own.
+    """
     env = settings.environ
     endpoint = env.get(f"AWS_ENDPOINT_URL_{service.upper()}") or env.get("AWS_ENDPOINT_URL") or None
     session = boto3.session.Session(
