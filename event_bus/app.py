@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from event_bus.admission import Admission, InFlightLimit
+from event_bus.backpressure import pipeline_lag
 from event_bus.group_commit import GroupCommitter
 from event_bus.logs import AccessLog, request_id
 from event_bus.openapi import BATCH_TYPES, MAX_PAGE, SINGLE_TYPES, describe
@@ -246,6 +247,8 @@ class _Bus:
         # Makes this month's partition of events and the next ones at start, then daily.
         self.keeper = PartitionKeeper(settings.database_url)
         self.quotas = QuotaGate(settings.tiers)
+        # Sheds ingest by tier while the tailer's slot is behind; None when back pressure is off.
+        self.pipeline = pipeline_lag(settings, self.metrics.registry)
         self.access_log = AccessLog.named()
 
     @asynccontextmanager
@@ -253,10 +256,14 @@ class _Bus:
         await self.store.open()
         await self.keeper.start()
         await self.committer.start()
+        if self.pipeline is not None:
+            await self.pipeline.start()
         quiet_collector()  # the default collector's pauses were most of the bus's p99
         try:
             yield
         finally:
+            if self.pipeline is not None:
+                await self.pipeline.stop()
             await self.committer.stop()
             await self.keeper.stop()
             await self.store.close()
@@ -362,6 +369,8 @@ class _Bus:
 
     async def post_event(self, request: Request) -> Response:
         principal = await self.authorize(request, "events:write")
+        if self.pipeline is not None:
+            self.pipeline.policy.check(principal.tier)  # 503 while the pipeline is behind
         # The quota is taken before the body is read: a tenant over its quota costs the bus
         # as little as possible, which keeps other tenants' latency down.
         self.quotas.admit(principal, 1)
@@ -376,6 +385,8 @@ class _Bus:
 
     async def post_batch(self, request: Request) -> Response:
         principal = await self.authorize(request, "events:write")
+        if self.pipeline is not None:
+            self.pipeline.policy.check(principal.tier)
         self.quotas.admit(principal, 0)  # an empty bucket refuses before the body is read
         body = await self.read_json(request, BATCH_TYPES, self.settings.max_batch_bytes)
         if not isinstance(body, list):

@@ -27,6 +27,11 @@ def default_tiers() -> dict[str, TierQuota]:
     }
 
 
+def default_shed_from() -> dict[str, float]:
+    """Pressure (a fraction of the back pressure bound) from which each tier is shed."""
+    return {"basic": 0.5, "premium": 0.75, "enterprise": 1.0}
+
+
 @dataclass(frozen=True, slots=True)
 class BusSettings:
     """Settings of the ingest HTTP app."""
@@ -51,3 +56,13 @@ class BusSettings:
     max_event_bytes: int = 1_048_576
     max_batch_events: int = 500
     max_batch_bytes: int = 5 * 1_048_576
+    #: Lag-aware back pressure (``event_bus.backpressure``): past a fraction of these bounds on
+    #: the tailer's slot lag and on the pipeline's freshness, the bus refuses a tier's writes
+    #: (503 + Retry-After), basic first. Off while both are ``None``. Keep the lag bound well
+    #: below the server's ``max_slot_wal_keep_size``, and freshness well above the tailer's heartbeat.
+    backpressure_lag_bytes: int | None = None
+    backpressure_freshness_seconds: float | None = None
+    #: The tailer's replication slot, and how often the bus samples it.
+    backpressure_slot: str = "tagbus_tailer"
+    backpressure_interval_seconds: float = 1.0
+    backpressure_shed_from: dict[str, float] = field(default_factory=default_shed_from)

@@ -8,12 +8,13 @@ by ``tagbus up``) fills in whatever the environment does not set, so the CLI wor
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from event_bus.settings import BusSettings
 from kernel.auth import DEFAULT_AUDIENCE, AuthSettings
@@ -49,9 +50,19 @@ class Settings:
     #: token is made with the local HS256 secret.
     config_upstream: str | None = None
     config_upstream_token: str | None = None
+    #: Lag-aware back pressure of the bus (``event_bus.backpressure``); off while both are None.
+    backpressure_lag_bytes: int | None = None
+    backpressure_freshness_seconds: float | None = None
 
     def bus(self) -> BusSettings:
-        return BusSettings(database_url=self.database_url, auth=self.auth)
+        return BusSettings(
+            database_url=self.database_url,
+            auth=self.auth,
+            backpressure_lag_bytes=self.backpressure_lag_bytes,
+            backpressure_freshness_seconds=self.backpressure_freshness_seconds,
+            # The slot the tailer confirms, from the one place that names it.
+            backpressure_slot=self.tailer().slot_name,
+        )
 
     def tailer(self) -> TailerSettings:
         return TailerSettings(database_url=self.database_url, stream_name=self.stream_name)
@@ -144,6 +155,8 @@ def load(environ: Mapping[str, str] | None = None, *, home: Path | None = None) 
         config_http_port=_port(env, "TAGBUS_CONFIG_HTTP_PORT", 8081),
         config_upstream=_upstream(env.get("TAGBUS_CONFIG_UPSTREAM")),
         config_upstream_token=env.get("TAGBUS_CONFIG_UPSTREAM_TOKEN") or None,
+        backpressure_lag_bytes=_bound(env, "TAGBUS_BACKPRESSURE_LAG_BYTES", int),
+        backpressure_freshness_seconds=_bound(env, "TAGBUS_BACKPRESSURE_FRESHNESS_SECONDS", float),
     )
 
 
@@ -157,6 +170,23 @@ def _typed(name: str, text: str, kind: type) -> object:
     except ValueError as e:
         what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
         raise SettingsError(f"{name} must be {what}, not {text!r}") from e
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _bound(env: Mapping[str, str], name: str, kind: type[_N]) -> _N | None:
+    """A positive bound, or ``None`` (off) when unset, empty or ``0``."""
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        value = kind(-1)
+    if value < 0 or not math.isfinite(value):
+        raise SettingsError(f"{name} must be a positive number (or 0 for off), not {text!r}")
+    return value or None
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:

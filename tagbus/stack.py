@@ -234,6 +234,10 @@ def stack_env(config: StackConfig | None = None) -> dict[str, str]:
         # kinesis-mock takes a few hundred records/s and slows as its stream grows: the local
         # tailer packs events into KPL records (the KCL de-aggregates) unless told otherwise.
         "TAGBUS_TAILER_AGGREGATE": os.environ.get("TAGBUS_TAILER_AGGREGATE", "1"),
+        # When the local pipeline falls behind the bus, the bus sheds ingest by tier long before
+        # the slot's WAL nears max_slot_wal_keep_size (``event_bus.backpressure``); 0 turns it off.
+        "TAGBUS_BACKPRESSURE_LAG_BYTES": os.environ.get("TAGBUS_BACKPRESSURE_LAG_BYTES", str(256 * 1_048_576)),
+        "TAGBUS_BACKPRESSURE_FRESHNESS_SECONDS": os.environ.get("TAGBUS_BACKPRESSURE_FRESHNESS_SECONDS", "60"),
         "AWS_ENDPOINT_URL_KINESIS": kinesis,
         "AWS_ENDPOINT_URL_DYNAMODB": dynamodb,
         "AWS_ENDPOINT_URL_SSM": moto,
