@@ -26,11 +26,30 @@ HOSTILE_JSON = "reliability-hostile.json"
 
 
 @dataclass
+class DeliveryResult:
+    """One config-delivery case's outcome, as the report shows it (``test_config_delivery.py``)."""
+
+    case: str
+    method: str
+    watchers: int
+    #: Config changes the bus acknowledged during the case.
+    changes: int
+    #: Watchers that missed a change or ended with a state other than the read models'.
+    lost: int
+    #: Changes a watcher saw after a higher version of the same key (within one stream).
+    out_of_order: int
+    recovery_seconds: float | None
+    figures: str
+    ok: bool
+
+
+@dataclass
 class Results:
     """Everything one run measured; ``overload`` is the soak/overload test's dict (see overload.py)."""
 
     mode: str
     faults: list[FaultResult] = field(default_factory=list)
+    config: list[DeliveryResult] = field(default_factory=list)
     overload: dict[str, Any] | None = None
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     #: Tests of the run that failed, with the first line of their error: a report of a run that
@@ -42,6 +61,7 @@ class Results:
             "mode": self.mode,
             "started": self.started,
             "faults": [dataclasses.asdict(f) for f in self.faults],
+            "config": [dataclasses.asdict(c) for c in self.config],
             "overload": self.overload,
             "failed": self.failed,
         }
@@ -118,6 +138,9 @@ def render_markdown(results: Results, hostile: dict[str, dict[str, int]] | None,
         f" events acknowledged, {total_lost} lost, {total_dup} duplicated,"
         f" {sum(f.mismatches for f in results.faults)} mismatches.",
         "",
+    ]
+    lines += _config_section(results.config)
+    lines += [
         "## Hostile input",
         "",
     ]
@@ -135,6 +158,29 @@ def render_markdown(results: Results, hostile: dict[str, dict[str, int]] | None,
     lines += ["", "## Soak and overload", ""]
     lines += _overload_section(results.overload, plot)
     return "\n".join(lines) + "\n"
+
+
+def _config_section(rows: list[DeliveryResult]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## Config delivery",
+        "",
+        "The config server (gRPC Watch, SSE) and the reader SDK (`ConfigCache`, `AsyncConfigCache`) under faults,"
+        " with watchers connected. *Lost* counts watchers that missed an acknowledged change or ended with another"
+        " state than the read models (`GET /v1/config`'s source); *out of order* counts changes a watcher received"
+        " after a higher version of the same key. *Recovery* is the case's own measure, named in its figures.",
+        "",
+        "| case | watchers | changes | lost | out of order | recovery s | figures | how |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.case} | {r.watchers} | {r.changes} | {r.lost} | {r.out_of_order} |"
+            f" {_seconds(r.recovery_seconds)} | {r.figures} | {r.method} |"
+        )
+    lines.append("")
+    return lines
 
 
 def _cpus() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 from tests.reliability.faults import FaultResult
 from tests.reliability.ledger import _user_records
 from tests.reliability.overload import Shot, recovered_after
-from tests.reliability.report import HOSTILE_JSON, MARKDOWN, PLOT, Results, write_report
+from tests.reliability.report import HOSTILE_JSON, MARKDOWN, PLOT, DeliveryResult, Results, write_report
 
 
 def _fault(kind: str, lost: int = 0) -> FaultResult:
@@ -88,3 +88,12 @@ def test_report_of_a_run_with_failures_says_so(tmp_path: Path) -> None:
     assert "**1 test(s) of this run failed**" in text
     assert "- `test_kinesis_throttling_under_load` (call): probe not through" in text
     assert "of this run failed" not in write_report(Results(mode="full"), tmp_path / "clean").read_text()
+
+
+def test_report_has_the_config_delivery_rows(tmp_path: Path) -> None:
+    row = DeliveryResult("kill -9 config server", "kill -9, then tagbus up", 16, 900, 0, 0, 13.84, "READY again", True)
+    text = write_report(Results(mode="short", config=[row]), tmp_path).read_text()
+    assert "## Config delivery" in text
+    assert "| kill -9 config server | 16 | 900 | 0 | 0 | 13.8 | READY again | kill -9, then tagbus up |" in text
+    assert json.loads((tmp_path / "reliability-results.json").read_text())["config"][0]["watchers"] == 16
+    assert "## Config delivery" not in write_report(Results(mode="short"), tmp_path / "none").read_text()
