@@ -54,6 +54,7 @@ __all__ = [
     "install_kcl_jars",
     "install_kclpy",
     "install_kinesis_mock",
+    "install_promtool",
     "main",
     "require_tool",
     "state_dir",
@@ -275,6 +276,45 @@ def install_grpcurl(root: Path) -> Path:
     return target
 
 
+def install_promtool(root: Path) -> Path:
+    """Unpack ``promtool`` from Debian's ``prometheus`` package into ``.tagbus/bin``; returns its path.
+
+    The package is downloaded and unpacked, not installed: installing it would also start a
+    Prometheus server. promtool checks and tests the alert rules in ``deploy/prometheus``.
+    """
+    bindir = state_dir(root) / "bin"
+    target = bindir / "promtool"
+    if target.is_file() and os.access(target, os.X_OK):
+        return target
+    work = state_dir(root) / "prometheus-deb"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        try:
+            _run(["apt-get", "download", "prometheus"], step="apt-get download prometheus", cwd=work)
+        except InstallError:
+            # An old package list names a version the mirror no longer serves.
+            _run(["apt-get", "update"], step="apt-get update")
+            _run(["apt-get", "download", "prometheus"], step="apt-get download prometheus", cwd=work)
+        debs = sorted(work.glob("prometheus_*.deb"))
+        if not debs:
+            raise InstallError(f"apt-get download prometheus left no .deb in {work}")
+        _run(["dpkg-deb", "-x", str(debs[-1]), str(work / "root")], step="dpkg-deb -x prometheus")
+        bindir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(work / "root" / "usr" / "bin" / "promtool", target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _optional_promtool(root: Path) -> None:
+    # Only one test needs it (it skips without): a mirror hiccup must not fail the setup.
+    try:
+        install_promtool(root)
+    except (InstallError, OSError) as e:
+        print(f"tagbus.install: promtool skipped, the alert rules' promtool test will skip: {e}", file=sys.stderr)
+
+
 def install_all(root: Path, *, python: Path | None = None) -> None:
     """Every download step the local stack needs (``make setup`` after system packages)."""
     find_postgres_bindir()
@@ -414,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"KCL {KCL_VERSION} MultiLangDaemon jars (Maven)", lambda: install_kcl_jars(root)),
         (f"amazon-kclpy {KCLPY_VERSION} (pip, without its jar download)", lambda: install_kclpy(root)),
         (f"grpcurl {GRPCURL_VERSION} (go install)", lambda: install_grpcurl(root)),
+        ("promtool (unpacked from Debian's prometheus)", lambda: _optional_promtool(root)),
     ]
     for label, step in steps:
         started = time.monotonic()
