@@ -804,6 +804,7 @@ def run(quick: bool, *, reports_dir: Path, rows: Sequence[str] = ROWS, start_sta
             "propagation_warmup": sizes.propagation_warmup,
         },
     }
+    config_pid = _pid(settings, "config")
     if "reads" in rows:
         _log("reads:")
         reader = bench_tenants(settings.auth.jwt_secret, f"{run_id}read", 1)[0]
@@ -818,6 +819,8 @@ def run(quick: bool, *, reports_dir: Path, rows: Sequence[str] = ROWS, start_sta
         _log("trade-off, TTL caches against the watch cache:")
         result["tradeoff"] = asyncio.run(_tradeoff(settings, quick, run_id))
     result["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    result["load_average_at_end"] = os.getloadavg()
+    result["config_server_pids"] = [config_pid, _pid(settings, "config")]
     _report(result, reports_dir)
     return result
 
@@ -1057,10 +1060,24 @@ def _report(result: dict[str, Any], reports_dir: Path) -> None:
         "",
         f"{'Quick' if result['quick'] else 'Full'} run, {result['started']} to {result.get('finished', '?')} on "
         f"{result['cpus']} shared cores (load average at start "
-        f"{', '.join(f'{x:.1f}' for x in result['load_average_at_start'])}); the local stack's emulators "
+        f"{', '.join(f'{x:.1f}' for x in result['load_average_at_start'])}, at end "
+        f"{', '.join(f'{x:.1f}' for x in result.get('load_average_at_end', []))}); the local stack's emulators "
         "(kinesis-mock, DynamoDB Local, moto) stand in for AWS, so ratios matter more than absolute figures.",
         "",
     ]
+    pids = result.get("config_server_pids", [])
+    errors = [
+        f"{row['watchers']:,} watchers: {row['watch_errors']}"
+        for row in result.get("propagation", [])
+        if row["watch_errors"]
+    ]
+    if len(set(pids)) > 1 or errors:
+        lines += [
+            "**The shared stack was disturbed during this run** (other work on the machine restarted parts or "
+            f"failed streams): config server pid {' → '.join(str(p) for p in pids)}; watch stream errors "
+            f"{'; '.join(errors) or 'none'} (each row's counts cover its watcher set's whole life).",
+            "",
+        ]
     verdicts = _verdicts(result)
     if verdicts:
         lines += [f"- {v}" for v in verdicts] + [""]
