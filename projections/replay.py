@@ -28,30 +28,37 @@ the key's previous valid state. The replay does the same: when a key's highest v
 malformed (or of an unregistered tag), it falls back to the key's highest *valid* version
 (looked up in the same snapshot) and counts the event in ``failed``.
 
-DynamoDB: zero-downtime rebuild
--------------------------------
-A full replay of a tag stored in DynamoDB (no ``tenant`` or ``since`` filter, every tag of
-that table selected) never touches the live table:
+Zero-downtime rebuild (DynamoDB)
+--------------------------------
+A store that is :class:`~projections.stores.base.Rebuildable` (an aliased DynamoDB table, or
+the in-memory store) is rebuilt into a fresh copy when the replay is full (no ``tenant`` or
+``since`` filter, every tag of that store selected). The replay only speaks to the port: a
+:class:`~projections.stores.base.Generation` is the fresh copy. For DynamoDB:
 
-1. create a fresh table ``<logical>-<generation>``; the live consumer keeps writing the
-   current one (conditionally), and readers keep reading it;
-2. read the snapshot and write each key's final state into the fresh table with
-   unconditional ``BatchWriteItem`` (safe: nobody else writes that table yet);
-3. catch up once (conditionally, into the fresh table) with what committed since the
-   snapshot, so that readers switched over see no older values than before;
-4. switch the alias (:class:`~projections.stores.dynamodb.TableAlias`) with one conditional
-   ``PutItem``: readers and consumers follow within the alias TTL;
-5. wait out that TTL (``switch_wait``): from then on every writer resolves the fresh table;
+1. ``new_generation`` creates a fresh table ``<logical>-<generation>``; the live consumer
+   keeps writing the current one (conditionally), and readers keep reading it;
+2. read the snapshot and ``bulk_put`` each key's final state into the fresh table,
+   unconditionally (safe: nobody else writes that table yet);
+3. catch up once (conditionally, through the generation's ``writer``) with what committed
+   since the snapshot, so that readers switched over see no older values than before;
+4. ``switch``: one conditional ``PutItem`` on the alias
+   (:class:`~projections.stores.dynamodb.TableAlias`); readers and consumers follow within
+   the alias TTL;
+5. wait out that TTL (``switch_wait``, by default the generation's ``settle_seconds``): from
+   then on every writer resolves the fresh table;
 6. catch up again from the mark of step 3, conditionally, into the fresh table. An update
    the live consumer put into the old table before it noticed the switch was committed
    before this pass's snapshot, so this pass carries it over; an update committed after the
    snapshot is applied by the consumer after step 5, hence into the fresh table. Nothing is
    lost, and the conditional writes let the consumer and the catch-up meet in any order;
-7. after ``drop_after`` seconds (the grace period for slow readers), drop the old table.
+7. after ``drop_after`` seconds (the grace period for slow readers), ``drop_previous``
+   removes the old table. A replay that fails before its switch removes the fresh one
+   (``discard``).
 
-Anything narrower (``--tenant``, ``--since``, a tag sharing its table with unselected tags)
-is applied *in place*: conditionally, through the store's normal ``apply``, next to the live
-consumer — it can only add versions the table lacks, never go backwards.
+Anything narrower (``--tenant``, ``--since``, a tag sharing its store with unselected tags),
+and any store that cannot be rebuilt, is applied *in place*: conditionally, through the
+store's normal ``apply``, next to the live consumer — it can only add versions the store
+lacks, never go backwards.
 
 SSM: no alias. The final states go through :meth:`SSMConfigStore.apply`, the normal
 read-compare-write (one read per ten keys, a write only for newer versions). SSM has no
@@ -69,23 +76,17 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import psycopg
-from botocore.exceptions import BotoCoreError, ClientError
 from psycopg import sql
 
 from kernel.envelope import CONFIG_TYPES, StoredEvent
 from projections.errors import ProjectionError, StoreError
 from projections.model import ConfigChange
 from projections.router import TagRouter
-from projections.stores.base import ConfigStore, Outcome
-from projections.stores.botocore_errors import error_code, translate
-from projections.stores.dynamodb import ALIAS_TTL, BATCH_WRITE_MAX, AliasTarget, DynamoDBConfigStore
-
-if TYPE_CHECKING:
-    from mypy_boto3_dynamodb import DynamoDBClient
+from projections.stores.base import ConfigStore, Generation, GenerationSwitch, Outcome, Rebuildable
 
 _COLUMNS = ("id", "tenant_id", "stream_id", "version", "event_id", "type", "source", "recorded_at")
 # Row layout: the columns above, then data as JSON text (parsed for final states only).
@@ -162,7 +163,7 @@ class ReplayFailure:
 
 @dataclass(frozen=True, slots=True)
 class TableSwitch:
-    """A DynamoDB table rebuilt and switched to."""
+    """A store rebuilt and switched to: its logical name, the copies (tables) before and after."""
 
     alias: str
     old_table: str
@@ -211,20 +212,24 @@ class _Target:
     store: ConfigStore
     tags: frozenset[str]
     rebuild: bool
-    expected: AliasTarget | None = None
-    new_table: str | None = None
-    writer: ConfigStore | None = None  # where catch-ups go: the fresh table, or the store itself
+    generation: Generation | None = None
     switched: bool = False
+
+    @property
+    def writer(self) -> ConfigStore:
+        """Where catch-ups go: the fresh copy being rebuilt, or the store itself."""
+        return self.generation.writer if self.generation is not None else self.store
 
 
 class ReplayRunner:
     """Rebuilds the read models of a :class:`TagRouter` from the events table.
 
-    ``rebuild``: ``None`` rebuilds DynamoDB tables into a fresh generation whenever the
-    filter allows it (see the module docstring), ``False`` always applies in place, ``True``
-    insists (``ValueError`` if the filter does not allow it). ``switch_wait`` must be at
-    least the alias TTL of every reader and writer; ``drop_after`` (seconds after the
-    switch) removes the old table, ``None`` keeps it.
+    ``rebuild``: ``None`` rebuilds every :class:`~projections.stores.base.Rebuildable` store
+    into a fresh generation whenever the filter allows it (see the module docstring),
+    ``False`` always applies in place, ``True`` insists (``ValueError`` if the filter or a
+    store does not allow it). ``switch_wait`` must be at least the alias TTL of every reader
+    and writer (``None``: the longest ``settle_seconds`` of the generations); ``drop_after``
+    (seconds after the switch) removes the old copy, ``None`` keeps it.
     """
 
     def __init__(
@@ -236,7 +241,7 @@ class ReplayRunner:
         fetch_size: int = 20_000,
         write_chunk: int = 500,
         write_concurrency: int = 4,
-        switch_wait: float = 2 * ALIAS_TTL + 0.5,
+        switch_wait: float | None = None,
         drop_after: float | None = 30.0,
         max_failures_kept: int = 100,
         sleep: Callable[[float], None] = time.sleep,
@@ -274,14 +279,15 @@ class ReplayRunner:
         try:
             for target in targets:
                 if target.rebuild:
-                    self._prepare_generation(target)
+                    assert isinstance(target.store, Rebuildable)
+                    target.generation = target.store.new_generation()
             return self._run(targets, selection, started, report)
         except BaseException:
-            # A fresh table nobody was switched to is garbage: remove it.
+            # A fresh copy nobody was switched to is garbage: remove it.
             for target in targets:
-                if target.new_table is not None and not target.switched:
-                    with contextlib.suppress(BotoCoreError, ClientError):
-                        _client(target.store).delete_table(TableName=target.new_table)
+                if target.generation is not None and not target.switched:
+                    with contextlib.suppress(StoreError):
+                        target.generation.discard()
             raise
 
     def _run(
@@ -329,7 +335,7 @@ class ReplayRunner:
                 switches.append(self._switch(target))
             report(ReplayProgress("switch", state.events_read, total, keys_written=written, keys_total=total))
             switched_at = self._monotonic()
-            self._sleep(self._switch_wait)
+            self._sleep(self._settle(rebuilt))
         events, applied, _ = self._catch_up(targets, selection, mark, state, report)
         catch_up_events += events
         catch_up_applied += applied
@@ -369,30 +375,15 @@ class ReplayRunner:
                 target = by_store[id(store)] = _Target(store, frozenset(), rebuild=False)
             target.tags |= {tag}
             full = selection.tenant is None and selection.since is None and served <= set(selected)
-            can = isinstance(store, DynamoDBConfigStore) and store.alias is not None and full
+            can = isinstance(store, Rebuildable) and store.can_rebuild and full
             if self._rebuild is True and not can:
                 raise ValueError(
-                    f"cannot rebuild the store of {tag!r} into a fresh table: only a full replay "
-                    "(no tenant or since, every tag of the table) of an aliased DynamoDB table can"
+                    f"cannot rebuild the store of {tag!r} into a fresh copy: only a full replay "
+                    "(no tenant or since, every tag of the store) of a rebuildable store (an aliased "
+                    "DynamoDB table) can"
                 )
             target.rebuild = can and self._rebuild is not False
         return list(by_store.values())
-
-    def _prepare_generation(self, target: _Target) -> None:
-        store = target.store
-        assert isinstance(store, DynamoDBConfigStore) and store.alias is not None
-        store.alias.ensure_table()
-        expected = store.alias.read()
-        client = _client(store)
-        generation = expected.generation + 1
-        # A table of a crashed or concurrent replay may hold the next name: take a free one
-        # (two replays that race still cannot both switch: the switch is conditional).
-        while _table_exists(client, f"{store.table_name}-{generation}"):
-            generation += 1
-        target.expected = expected
-        target.new_table = f"{store.table_name}-{generation}"
-        store.ensure_table(table=target.new_table)
-        target.writer = store.bound_to(target.new_table)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -483,16 +474,16 @@ class ReplayRunner:
     # -- writing -----------------------------------------------------------------------
 
     def _bulk_load(self, target: _Target, changes: Sequence[ConfigChange], on_write: Callable[[int], None]) -> int:
-        store = target.store
-        assert isinstance(store, DynamoDBConfigStore) and target.new_table is not None
-        table = target.new_table
-        # Small enough chunks that every thread gets work, whole requests of 25 each.
+        generation = target.generation
+        assert generation is not None
+        # Small enough chunks that every thread gets work, made of whole requests.
+        request = max(1, generation.request_size)
         per_thread = -(-len(changes) // (self._write_concurrency * 4))
-        size = max(BATCH_WRITE_MAX, min(self._write_chunk, -(-per_thread // BATCH_WRITE_MAX) * BATCH_WRITE_MAX))
+        size = max(request, min(self._write_chunk, -(-per_thread // request) * request))
         chunks = [changes[i : i + size] for i in range(0, len(changes), size)]
         done = 0
         with ThreadPoolExecutor(self._write_concurrency, thread_name_prefix="replay-write") as pool:
-            for count in pool.map(lambda chunk: store.bulk_put(chunk, table=table), chunks):
+            for count in pool.map(generation.bulk_put, chunks):
                 done += count
                 on_write(done)
         return done
@@ -535,29 +526,26 @@ class ReplayRunner:
         for target in targets:
             changes = [c for c in tail.changes.values() if c.key.tag in target.tags]
             if changes:
-                applied += self._apply(target.writer or target.store, changes, lambda _: None)[0]
+                applied += self._apply(target.writer, changes, lambda _: None)[0]
         return tail.events_read, applied, mark
 
     # -- switching ---------------------------------------------------------------------
 
     def _switch(self, target: _Target) -> TableSwitch:
-        store = target.store
-        assert isinstance(store, DynamoDBConfigStore) and store.alias is not None
-        assert target.expected is not None and target.new_table is not None
-        generation = int(target.new_table.rsplit("-", 1)[1])
-        store.alias.switch(target.expected, target.new_table, generation)
+        assert target.generation is not None
+        switched: GenerationSwitch = target.generation.switch()
         target.switched = True
-        return TableSwitch(store.table_name, target.expected.table, target.new_table, generation, old_dropped=False)
+        return TableSwitch(switched.name, switched.previous, switched.current, switched.generation, old_dropped=False)
+
+    def _settle(self, rebuilt: Sequence[_Target]) -> float:
+        """How long to wait after the switches until every reader and writer follows them."""
+        if self._switch_wait is not None:
+            return self._switch_wait
+        return max(t.generation.settle_seconds for t in rebuilt if t.generation is not None)
 
     def _drop_old(self, target: _Target, switch: TableSwitch) -> TableSwitch:
-        store = target.store
-        try:
-            _client(store).delete_table(TableName=switch.old_table)
-        except ClientError as e:
-            if error_code(e) != "ResourceNotFoundException":
-                raise translate(e, store="dynamodb", operation="DeleteTable") from e
-        except BotoCoreError as e:
-            raise translate(e, store="dynamodb", operation="DeleteTable") from e
+        assert target.generation is not None
+        target.generation.drop_previous()
         return TableSwitch(switch.alias, switch.old_table, switch.new_table, switch.generation, old_dropped=True)
 
 
@@ -573,20 +561,3 @@ def _event(row: Row) -> StoredEvent:
         recorded_at=row[_RECORDED_AT],
         data=data,
     )
-
-
-def _client(store: ConfigStore) -> DynamoDBClient:
-    assert isinstance(store, DynamoDBConfigStore)
-    return store.client
-
-
-def _table_exists(client: DynamoDBClient, name: str) -> bool:
-    try:
-        client.describe_table(TableName=name)
-    except ClientError as e:
-        if error_code(e) == "ResourceNotFoundException":
-            return False
-        raise translate(e, store="dynamodb", operation="DescribeTable") from e
-    except BotoCoreError as e:
-        raise translate(e, store="dynamodb", operation="DescribeTable") from e
-    return True

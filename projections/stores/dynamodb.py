@@ -42,10 +42,15 @@ the lookup was sent, so a cached answer is never older than ``alias_ttl``). The 
 rebuilt the table waits out that TTL before it re-applies the events committed meanwhile
 (see :mod:`projections.replay`). A table that vanished under a stale resolution (the old
 generation after its grace period) makes the store look the alias up again and retry once.
+
+An aliased store is :class:`~projections.stores.base.Rebuildable`: its
+:class:`DynamoDBGeneration` is the fresh table (created by :meth:`DynamoDBConfigStore.new_generation`),
+filled with ``bulk_put``, switched to through the alias, and the old table dropped after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -60,9 +65,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from projections.errors import ChangeRejected, ProjectionError, StoreError
+from projections.errors import ChangeRejected, ProjectionError, StoreError, StoreMisconfigured
 from projections.model import ConfigChange, ConfigItem, ConfigKey
-from projections.stores.base import ApplyResult, ChangeResult, ConfigPage, Outcome
+from projections.stores.base import ApplyResult, ChangeResult, ConfigPage, GenerationSwitch, Outcome
 from projections.stores.botocore_errors import error_code, translate
 
 if TYPE_CHECKING:
@@ -175,9 +180,12 @@ class TableAlias:
 
         Raises :class:`AliasConflict` when someone else switched it in between.
         """
+        # DynamoDB refuses names the condition does not use, so #alias only goes with the first.
+        names = {"#table": "table", "#generation": "generation"}
         if expected.generation == 0:
             condition = "attribute_not_exists(#alias) OR (#table = :expected AND #generation = :zero)"
             values: dict[str, AttributeValueTypeDef] = {":expected": {"S": expected.table}, ":zero": {"N": "0"}}
+            names["#alias"] = "alias"
         else:
             condition = "#table = :expected AND #generation = :generation"
             values = {":expected": {"S": expected.table}, ":generation": {"N": str(expected.generation)}}
@@ -192,7 +200,7 @@ class TableAlias:
                     "switched_at": {"S": datetime.now(UTC).isoformat()},
                 },
                 ConditionExpression=condition,
-                ExpressionAttributeNames={"#alias": "alias", "#table": "table", "#generation": "generation"},
+                ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )
         except ClientError as e:
@@ -205,6 +213,58 @@ class TableAlias:
             raise translate(e, store=_STORE, operation="PutItem(alias)") from e
         self.invalidate()
         return AliasTarget(self.alias, table, generation)
+
+
+class DynamoDBGeneration:
+    """The fresh table a rebuild fills before the alias points at it (a :class:`~projections.stores.base.Generation`).
+
+    Named ``<logical>-<generation>``; made by :meth:`DynamoDBConfigStore.new_generation`.
+    """
+
+    def __init__(
+        self, store: DynamoDBConfigStore, alias: TableAlias, expected: AliasTarget, table: str, generation: int
+    ) -> None:
+        self._store = store
+        self._alias = alias
+        #: Where the alias pointed when this generation was made: the switch is conditional on it.
+        self._expected = expected
+        self.table = table
+        self.generation = generation
+        self._writer = store.bound_to(table)
+        self._switched = False
+
+    @property
+    def writer(self) -> DynamoDBConfigStore:
+        return self._writer
+
+    @property
+    def request_size(self) -> int:
+        return self._store.bulk_request_size
+
+    @property
+    def settle_seconds(self) -> float:
+        # Every process caches the alias for its TTL; twice that, and a margin for requests
+        # sent just before their cache expired, covers readers and writers alike.
+        return 2 * self._alias.ttl + 0.5
+
+    def bulk_put(self, changes: Sequence[ConfigChange]) -> int:
+        return self._store.bulk_put(changes, table=self.table)
+
+    def switch(self) -> GenerationSwitch:
+        """Point the alias at this table; :class:`AliasConflict` if another replay switched it first."""
+        self._alias.switch(self._expected, self.table, self.generation)
+        self._switched = True
+        return GenerationSwitch(self._alias.alias, self._expected.table, self.table, self.generation)
+
+    def discard(self) -> None:
+        if self._switched:
+            raise StoreError(f"{self.table} is the current table of {self._alias.alias!r}", store=_STORE)
+        _delete_table(self._store._client, self.table)
+
+    def drop_previous(self) -> None:
+        if not self._switched:
+            raise StoreError(f"{self.table} was not switched to: the previous table is current", store=_STORE)
+        _delete_table(self._store._client, self._expected.table)
 
 
 class _FixedTable:
@@ -255,8 +315,9 @@ class DynamoDBConfigStore:
         self._resolver: TableAlias | _FixedTable = self.alias or _FixedTable(table_name)
 
     @property
-    def client(self) -> DynamoDBClient:
-        return self._client
+    def bulk_request_size(self) -> int:
+        """Items one :meth:`bulk_put` request takes (``bulk_write`` picks the request)."""
+        return TRANSACT_MAX if self._bulk_write == "transact" else BATCH_WRITE_MAX
 
     def current_table(self) -> str:
         """The physical table the logical name points to now (cached for the alias TTL)."""
@@ -304,6 +365,33 @@ class DynamoDBConfigStore:
             transact_min=self._transact_min,
             bulk_write=self._bulk_write,
         )
+
+    # -- rebuilds (the Rebuildable port) -----------------------------------------------
+
+    @property
+    def can_rebuild(self) -> bool:
+        """Only an aliased table can be rebuilt: its readers and writers must follow a switch."""
+        return self.alias is not None
+
+    def new_generation(self) -> DynamoDBGeneration:
+        """Create an empty ``<logical>-<generation>`` table beside the current one (the alias is untouched)."""
+        if self.alias is None:
+            raise StoreMisconfigured(f"{self.table_name} has no alias table: it cannot be rebuilt", store=_STORE)
+        self.alias.ensure_table()
+        expected = self.alias.read()
+        generation = expected.generation + 1
+        # A table of a crashed or concurrent replay may hold the next name: take a free one
+        # (two replays that race still cannot both switch: the switch is conditional).
+        while _table_exists(self._client, f"{self.table_name}-{generation}"):
+            generation += 1
+        fresh = DynamoDBGeneration(self, self.alias, expected, f"{self.table_name}-{generation}", generation)
+        try:
+            self.ensure_table(table=fresh.table)
+        except BaseException:
+            with contextlib.suppress(StoreError):
+                fresh.discard()
+            raise
+        return fresh
 
     # -- writes ------------------------------------------------------------------------
 
@@ -436,7 +524,7 @@ class DynamoDBConfigStore:
                 raise ChangeRejected(
                     f"value of {change.key} is not serializable: {e}", store=_STORE, operation=operation
                 ) from e
-        size = TRANSACT_MAX if self._bulk_write == "transact" else BATCH_WRITE_MAX
+        size = self.bulk_request_size
         for start in range(0, len(items), size):
             pending = items[start : start + size]
             attempt = 0
@@ -595,6 +683,29 @@ def _ensure(
             client.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
     except (BotoCoreError, ClientError) as e:
         raise translate(e, store=_STORE, operation="ensure_table") from e
+
+
+def _table_exists(client: DynamoDBClient, name: str) -> bool:
+    try:
+        client.describe_table(TableName=name)
+    except ClientError as e:
+        if error_code(e) == "ResourceNotFoundException":
+            return False
+        raise translate(e, store=_STORE, operation="DescribeTable") from e
+    except BotoCoreError as e:
+        raise translate(e, store=_STORE, operation="DescribeTable") from e
+    return True
+
+
+def _delete_table(client: DynamoDBClient, name: str) -> None:
+    """Delete a table; one already gone is fine."""
+    try:
+        client.delete_table(TableName=name)
+    except ClientError as e:
+        if error_code(e) != "ResourceNotFoundException":
+            raise translate(e, store=_STORE, operation="DeleteTable") from e
+    except BotoCoreError as e:
+        raise translate(e, store=_STORE, operation="DeleteTable") from e
 
 
 def _rounds(changes: Sequence[ConfigChange]) -> list[list[tuple[int, ConfigChange]]]:

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,10 +24,11 @@ import pytest
 from botocore.exceptions import ClientError
 
 from kernel.envelope import CONFIG_DELETED, CONFIG_SET, StoredEvent
-from projections.model import ConfigKey
+from projections.model import ConfigChange, ConfigKey
 from projections.replay import ReplayProgress, ReplayRunner
 from projections.router import TagRouter
 from projections.stores.dynamodb import DynamoDBConfigStore
+from projections.stores.memory import MemoryConfigStore
 from projections.stores.ssm import SSMConfigStore
 from tagbus import aws
 from tagbus import settings as settings_mod
@@ -380,3 +382,75 @@ def test_switch_over_while_writes_continue_loses_no_update(database_url: str, mo
     for key in keys:
         item = reader.get(tenant, key)
         assert item is not None and (item.version, item.value) == (versions[key], versions[key]), key
+
+
+def test_a_second_full_replay_rebuilds_from_the_first_generation(database_url: str, models: Models) -> None:
+    tenant = f"rg-{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _insert(conn, tenant, "tenantconfig:a", 1, "one")
+    router = models.router()
+    first = ReplayRunner(database_url, router, switch_wait=SWITCH_WAIT, drop_after=0.0).run()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _insert(conn, tenant, "tenantconfig:a", 2, "two")
+    second = ReplayRunner(database_url, router, switch_wait=SWITCH_WAIT, drop_after=0.0).run()
+
+    assert [(s.old_table, s.new_table, s.generation) for s in (*first.switches, *second.switches)] == [
+        (models.logical, f"{models.logical}-1", 1),
+        (f"{models.logical}-1", f"{models.logical}-2", 2),
+    ]
+    assert second.switches[0].old_dropped and models.tables() == [f"{models.logical}-2"]
+    item = router.get(tenant, "tenantconfig:a")
+    assert item is not None and (item.value, item.version) == ("two", 2)
+
+
+def test_a_replay_that_fails_before_its_switch_removes_its_fresh_table(database_url: str, models: Models) -> None:
+    tenant = f"rf-{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _insert(conn, tenant, "tenantconfig:a", 1, "kept")
+    router = models.router()
+    assert router.apply(_stored_events(database_url)).ok
+
+    def fail_while_writing(p: ReplayProgress) -> None:
+        if p.phase == "write":
+            assert models.tables() == [models.logical, f"{models.logical}-1"]
+            raise RuntimeError("the operator pressed ^C")
+
+    with pytest.raises(RuntimeError):
+        ReplayRunner(database_url, router, switch_wait=SWITCH_WAIT).run(progress=fail_while_writing)
+    assert models.tables() == [models.logical]
+    assert models.dynamodb_store(router).current_table() == models.logical
+    item = router.get(tenant, "tenantconfig:a")
+    assert item is not None and item.value == "kept"
+
+
+def test_the_in_memory_store_is_rebuilt_through_the_same_port(database_url: str) -> None:
+    tenant = f"rm-{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for version in (1, 2, 3):
+            _insert(conn, tenant, "tenantconfig:a", version, f"v{version}")
+        _insert(conn, tenant, "tenantconfig:gone", 1, "x")
+        _insert(conn, tenant, "tenantconfig:gone", 2, deleted=True)
+    store = MemoryConfigStore(name="cfg")
+    # A key no event ever set: a rebuild starts from an empty copy, so it does not survive.
+    stray = ConfigChange(
+        tenant=tenant,
+        key=ConfigKey.parse("tenantconfig:stray"),
+        value=1,
+        version=9,
+        position=0,
+        updated_at=datetime.now(UTC),
+    )
+    assert store.apply([stray]).ok
+
+    summary = ReplayRunner(database_url, TagRouter({"tenantconfig": store}), drop_after=0.0).run()
+
+    assert [(s.alias, s.old_table, s.new_table, s.generation, s.old_dropped) for s in summary.switches] == [
+        ("cfg", "cfg", "cfg-1", 1, True)
+    ]
+    assert summary.keys_written == 2
+    item = store.get(tenant, ConfigKey.parse("tenantconfig:a"))
+    assert item is not None and (item.value, item.version) == ("v3", 3)
+    assert {key: (e.version, e.deleted) for key, e in store.entries(tenant).items()} == {
+        "tenantconfig:a": (3, False),
+        "tenantconfig:gone": (2, True),
+    }

@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from projections.errors import ChangeRejected, StoreMisconfigured, StoreThrottled, StoreUnavailable
 from projections.model import ConfigKey
-from projections.stores.base import Outcome
+from projections.stores.base import Outcome, Rebuildable
 from projections.stores.botocore_errors import translate
 from projections.stores.dynamodb import TRANSACT_MAX, TRANSACT_MIN, DynamoDBConfigStore
 from projections.stores.memory import MemoryConfigStore
@@ -97,6 +97,10 @@ class TestMemoryStore(ConfigStoreSuite):
         return MemoryConfigStore()
 
     @pytest.fixture
+    def rebuildable(self) -> MemoryConfigStore:
+        return MemoryConfigStore()
+
+    @pytest.fixture
     def tag(self) -> str:
         return "tenantconfig"
 
@@ -111,8 +115,29 @@ class TestDynamoDBStore(ConfigStoreSuite):
         )
 
     @pytest.fixture
+    def rebuildable(self, dynamodb_client: DynamoDBClient) -> Iterator[DynamoDBConfigStore]:
+        """A logical table behind an alias table of its own, removed with all its generations."""
+        suffix = uuid.uuid4().hex[:8]
+        logical, alias_table = f"tagbus-rebuilt-test-{suffix}", f"tagbus-aliases-test-{suffix}"
+        store = DynamoDBConfigStore(
+            dynamodb_client, table_name=logical, alias_table=alias_table, clock=lambda: STORE_NOW
+        )
+        store.ensure_table()
+        yield store
+        for page in dynamodb_client.get_paginator("list_tables").paginate():
+            for name in page["TableNames"]:
+                if name in (logical, alias_table) or name.startswith(f"{logical}-"):
+                    dynamodb_client.delete_table(TableName=name)
+
+    @pytest.fixture
     def tag(self) -> str:
         return "tenantconfig"
+
+    def test_a_store_without_an_alias_cannot_be_rebuilt(self, dynamodb_client: DynamoDBClient) -> None:
+        store = DynamoDBConfigStore(dynamodb_client, table_name="tagbus-never-made", alias_table=None)
+        assert isinstance(store, Rebuildable) and not store.can_rebuild
+        with pytest.raises(StoreMisconfigured):
+            store.new_generation()
 
     def test_item_layout(self, store: DynamoDBConfigStore, dynamodb_client: DynamoDBClient) -> None:
         tenant = new_tenant()
