@@ -39,8 +39,10 @@ class ConfigServerSettings:
     #: How long the server waits to hand a cut watcher its ``Resync`` before ending the stream
     #: with an error (a reader that stopped entirely never drains it).
     cut_grace_seconds: float = 5.0
-    #: Entries per snapshot message.
+    #: Entries per snapshot message, and its size: gRPC clients refuse messages over 4 MiB by
+    #: default, so a chunk stays well below it (a single larger entry goes alone).
     snapshot_chunk_size: int = 500
+    snapshot_chunk_bytes: int = 1024 * 1024
     max_prefixes: int = 16
     max_prefix_chars: int = MAX_KEY_CHARS
     #: SSE comment lines on a stream that has been quiet this long (proxies close idle ones).
@@ -61,6 +63,7 @@ class ConfigServerSettings:
             "max_streams_per_tenant",
             "watcher_queue_size",
             "snapshot_chunk_size",
+            "snapshot_chunk_bytes",
             "max_prefixes",
             "max_prefix_chars",
             "max_pending_batches",

@@ -65,6 +65,20 @@ KEEPALIVE = Keepalive()
 Frame = SnapshotFrame | Entry | ProgressFrame | ResyncFrame | Keepalive
 
 
+def _chunks(entries: list[Entry], most: int, most_bytes: int) -> Iterator[tuple[list[Entry], bool]]:
+    """Snapshot chunks of at most ``most`` entries and about ``most_bytes`` (one entry at least); the last is done."""
+    chunk: list[Entry] = []
+    size = 0
+    for entry in entries:
+        cost = len(entry.key) + len(entry.value_json) + len(entry.tenant) + 64
+        if chunk and (len(chunk) == most or size + cost > most_bytes):
+            yield chunk, False
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += cost
+    yield chunk, True
+
+
 class ServiceStats:
     """Counters of the requests and watch streams of both protocols, read by the metrics at scrape time."""
 
@@ -227,13 +241,10 @@ class WatchSession:
         settings = self._settings
         if isinstance(opening, SnapshotOpening):
             self._floor = opening.position
-            size = settings.snapshot_chunk_size
-            entries = opening.entries
-            for start in range(0, max(len(entries), 1), size):
+            for chunk, done in _chunks(opening.entries, settings.snapshot_chunk_size, settings.snapshot_chunk_bytes):
                 if watcher.cut:
                     break
-                chunk = entries[start : start + size]
-                yield SnapshotFrame(chunk, opening.position, done=start + size >= len(entries))
+                yield SnapshotFrame(chunk, opening.position, done=done)
         else:
             assert isinstance(opening, ResumeOpening)
             self._floor = opening.position

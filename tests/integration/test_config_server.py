@@ -352,6 +352,20 @@ def test_watch_sends_a_chunked_snapshot_then_live_changes_of_its_tenant_and_pref
         eventually(lambda: config.on_loop(lambda: config.server.state.watcher_count() == 0), what="watcher closed")
 
 
+def test_snapshot_chunks_stay_small_in_bytes_too() -> None:
+    with running(snapshot_chunk_size=100, snapshot_chunk_bytes=1_000) as config:
+        values = ["x" * 400] * 4 + ["y" * 5_000]
+        config.start_ready(*(change(f"tenantconfig:features/f{i}", 1, 10 + i, v) for i, v in enumerate(values)))
+        call = watch(config.stub(), token())
+
+        chunks = [next(call).snapshot for _ in range(3)]
+        # Two entries of about 500 bytes fit in 1,000; a larger one goes alone.
+        assert [len(c.entries) for c in chunks] == [2, 2, 1]
+        assert [c.done for c in chunks] == [False, False, True]
+        assert len(chunks[2].entries[0].value_json) == 5_002
+        call.cancel()
+
+
 def test_watch_resumes_after_since_and_then_reports_progress(config: Running) -> None:
     config.start_ready(change("tenantconfig:a", 1, 10))
     stub = config.stub()
