@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import PoolTimeout
 
@@ -39,44 +38,13 @@ from event_bus.store import (
     IdConflict,
     StoreUnavailable,
     VersionConflict,
+    append_statement,
     find_existing,
-    insert_params,
     no_partition,
     repeat_result,
     write_new,
 )
 from event_bus.validation import NewEvent
-
-# The stream row is bumped and the event inserted in one statement. A stale expected
-# version makes the CTE return no row, so nothing is inserted and nothing fails.
-_INSERT_FROM_S = sql.SQL(
-    "INSERT INTO events (event_id, tenant_id, stream_id, version, type, source, subject, occurred_at,"
-    " data, metadata, digest) SELECT %s, %s, %s, s.version, %s, %s, %s, %s, %s, %s, %s FROM s"
-    " RETURNING version, recorded_at"
-)
-_WITH_S = sql.SQL("WITH s AS ({}) {}")
-APPEND_NEXT = _WITH_S.format(
-    sql.SQL(
-        "INSERT INTO streams (tenant_id, stream_id, version) VALUES (%s, %s, 1)"
-        " ON CONFLICT (tenant_id, stream_id) DO UPDATE SET version = streams.version + 1, updated_at = now()"
-        " RETURNING version"
-    ),
-    _INSERT_FROM_S,
-)
-APPEND_NEW_STREAM = _WITH_S.format(
-    sql.SQL(
-        "INSERT INTO streams (tenant_id, stream_id, version) VALUES (%s, %s, 1)"
-        " ON CONFLICT (tenant_id, stream_id) DO NOTHING RETURNING version"
-    ),
-    _INSERT_FROM_S,
-)
-APPEND_IF_VERSION = _WITH_S.format(
-    sql.SQL(
-        "UPDATE streams SET version = version + 1, updated_at = now()"
-        " WHERE tenant_id = %s AND stream_id = %s AND version = %s RETURNING version"
-    ),
-    _INSERT_FROM_S,
-)
 
 
 @dataclass(eq=False)
@@ -243,7 +211,7 @@ class GroupCommitter:
                 # Events with an expected version are checked one by one, in pipeline mode.
                 if guarded:
                     async with conn.pipeline():
-                        cursors = [await conn.execute(*_statement(p.event)) for p in guarded]
+                        cursors = [await conn.execute(*append_statement(p.event)) for p in guarded]
                         for pending, cur in zip(guarded, cursors, strict=True):
                             row = await cur.fetchone()
                             if row is None:
@@ -295,13 +263,3 @@ def _settle_repeat(pending: _Pending, found: TupleRow) -> None:
         pending.settle(repeat_result(0, pending.event, found[2:6]))
     except IdConflict as conflict:
         pending.settle(conflict)
-
-
-def _statement(event: NewEvent) -> tuple[sql.Composed, tuple[Any, ...]]:
-    params = insert_params(event)
-    key = (event.tenant, event.stream)
-    if event.expected_version is None:
-        return APPEND_NEXT, (*key, *params)
-    if event.expected_version == 0:
-        return APPEND_NEW_STREAM, (*key, *params)
-    return APPEND_IF_VERSION, (*key, event.expected_version, *params)
