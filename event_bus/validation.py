@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -23,6 +23,8 @@ from kernel.keys import MAX_KEY_CHARS, may_prefix_key, split_key
 
 MAX_ID_CHARS = 128
 MAX_STREAM_CHARS = MAX_KEY_CHARS
+#: PostgreSQL refuses a time zone displacement of 16 hours or more.
+_MAX_UTC_OFFSET = timedelta(hours=16)
 #: The bus keeps an event well under Kinesis's 1 MiB record limit so that the record's
 #: added fields (version, recordedat, position, tenant and stream) always fit.
 MAX_EVENT_BYTES = 1_048_576 - 8_192
@@ -288,6 +290,11 @@ def _time(value: object, err: Any) -> datetime | None:
             pass
         else:
             if moment.tzinfo is not None:
+                offset = moment.utcoffset()
+                if offset is not None and abs(offset) >= _MAX_UTC_OFFSET:
+                    # RFC 3339 allows it, PostgreSQL's timestamptz does not: it would fail the insert.
+                    err("time", "must have a UTC offset within ±15:59:59")
+                    return None
                 try:
                     moment.astimezone(UTC)
                 except OverflowError:

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from event_bus.problems import Problem
-from event_bus.validation import MAX_INT, MIN_INT, decode_json
+from event_bus.validation import MAX_INT, MIN_INT, decode_json, parse_event
+from kernel.auth import Principal
 
 
 @given(st.integers(MIN_INT, MAX_INT))
@@ -35,3 +36,17 @@ def test_nul_in_a_string_is_refused_with_its_pointer() -> None:
         decode_json(b'{"data": {"a/b": "x\\u0000y"}}')
     assert refused.value.status == 422
     assert refused.value.errors[0].field == "/data/a~1b"
+
+
+@pytest.mark.parametrize(
+    ("offset", "accepted"), [("-15:59", True), ("+15:59", True), ("+16:00", False), ("-20:57", False)]
+)
+def test_time_offsets_postgresql_cannot_store_are_refused(offset: str, accepted: bool) -> None:
+    principal = Principal(subject="s", tenant="acme", tier="basic", scopes=frozenset({"events:write"}))
+    body = {"specversion": "1.0", "id": "e1", "source": "/t", "type": "t", "time": f"2026-01-01T00:00:00{offset}"}
+    if accepted:
+        assert parse_event(body, principal, tags={"tenantconfig"}, max_event_bytes=10_000).time is not None
+        return
+    with pytest.raises(Problem) as refused:
+        parse_event(body, principal, tags={"tenantconfig"}, max_event_bytes=10_000)
+    assert refused.value.status == 422 and refused.value.errors[0].field.endswith("time")
