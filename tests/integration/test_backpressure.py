@@ -1,12 +1,14 @@
 """Lag-aware back pressure through a real bus: a replication slot that nothing confirms, on a
 private PostgreSQL cluster, makes the bus refuse writes tier by tier (basic first, enterprise
-last) with ``503`` + ``Retry-After``; once the slot is advanced, every tier is served again."""
+last) with ``503`` + ``Retry-After``; once the slot is advanced, every tier is served again.
+The last test puts the real tailer behind the bus, with a sink that hangs as Kinesis would."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -16,6 +18,9 @@ import pytest
 from devtools.postgres_cluster import ClusterUnavailableError, TemporaryCluster, cloned_database, create_template
 from event_bus.settings import BusSettings
 from kernel.auth import AuthSettings
+from kernel.envelope import StoredEvent
+from tailer import LogTailer
+from tailer.settings import TailerSettings
 from tests.fixtures.bus import SECRET, RunningBus, running_bus
 
 PROBLEM = "application/problem+json"
@@ -170,11 +175,13 @@ def test_slot_lag_past_the_bound_sheds_basic_first_and_enterprise_last(database:
 
 
 def test_stale_wal_past_the_freshness_bound_sheds_every_tier_until_the_slot_moves(database: str, slot: str) -> None:
-    with running_bus(settings(database, slot, backpressure_freshness_seconds=1.0)) as bus:
+    # Nothing confirms the slot here, not even WAL the server writes on its own after the
+    # advance below: a bound of 3 s leaves basic 1.5 s of headroom for the last posts.
+    with running_bus(settings(database, slot, backpressure_freshness_seconds=3.0)) as bus:
         write_wal(database, 1_000)  # unconfirmed WAL, tiny: only its age can matter
         wait_until(lambda: shedding(bus, "enterprise"), "enterprise to be shed")
         freshness = metric(bus, "tagbus_pipeline_freshness_seconds")
-        assert freshness is not None and freshness >= 1.0
+        assert freshness is not None and freshness >= 3.0
         assert_refused(post(bus, "enterprise"), "enterprise")
         assert_refused(post(bus, "basic"), "basic")
 
@@ -189,3 +196,95 @@ def test_a_missing_slot_sheds_nothing(database: str) -> None:
         lag = metric(bus, "tagbus_pipeline_slot_lag_bytes")
         assert lag is not None and lag != lag  # NaN: unknown
         assert post(bus, "basic").status_code == 201
+
+
+class HangingKinesis:
+    """A sink that acknowledges at once while up and hangs while down, as a stalled stream does."""
+
+    def __init__(self) -> None:
+        self.up = threading.Event()
+        self.up.set()
+        self._lock = threading.Lock()
+        self._ids: set[str] = set()
+
+    def publish(self, batch: Sequence[StoredEvent]) -> None:
+        if not self.up.wait(60):
+            raise RuntimeError("the test left the sink down")
+        with self._lock:
+            self._ids.update(event.id for event in batch)
+
+    def ids(self) -> set[str]:
+        with self._lock:
+            return set(self._ids)
+
+
+def test_a_stalled_tailer_sheds_tier_by_tier_and_its_recovery_serves_every_tier(database: str) -> None:
+    slot = f"tagbus_bp_{uuid.uuid4().hex[:10]}"
+    kinesis = HangingKinesis()
+    tailer = LogTailer(
+        TailerSettings(database_url=database, slot_name=slot, stream_name="tagbus-test"),
+        None,
+        sink=kinesis,
+        status_interval_seconds=0.0,
+    )
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def relay() -> None:
+        try:
+            tailer.run(stop)
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=relay, name="test-tailer", daemon=True)
+    thread.start()
+    accepted: set[str] = set()
+    refused: set[str] = set()
+
+    def send(bus: RunningBus, tier: str) -> httpx.Response:
+        body = event()
+        with bus.client(f"acme-{tier}", tier=tier) as client:
+            response = client.post("/v1/events", json=body)
+        (accepted if response.status_code == 201 else refused).add(body["id"])
+        return response
+
+    try:
+        wait_until(lambda: slot_exists(database, slot), "the tailer to create its slot")
+        # Enterprise shed once unpublished WAL is 10 s old, basic from 5 s.
+        with running_bus(settings(database, slot, backpressure_freshness_seconds=10.0)) as bus:
+            assert send(bus, "basic").status_code == 201
+            wait_until(lambda: accepted <= kinesis.ids(), "the tailer to publish")
+
+            kinesis.up.clear()  # Kinesis hangs: the slot stops moving
+            assert send(bus, "enterprise").status_code == 201
+            wait_until(lambda: shedding(bus, "basic"), "basic to be shed")
+            assert_refused(send(bus, "basic"), "basic")
+            assert send(bus, "enterprise").status_code == 201
+            wait_until(lambda: shedding(bus, "enterprise"), "enterprise to be shed")
+            assert_refused(send(bus, "enterprise"), "enterprise")
+
+            kinesis.up.set()  # Kinesis is back: the tailer publishes and confirms the backlog
+            wait_until(lambda: not shedding(bus, "basic"), "every tier to be served again")
+            assert send(bus, "basic").status_code == 201
+            assert send(bus, "enterprise").status_code == 201
+            wait_until(lambda: accepted <= kinesis.ids(), "the tailer to publish what was accepted")
+        assert not failures, failures
+    finally:
+        kinesis.up.set()
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive(), "the tailer did not stop"
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+            )
+    assert not refused & kinesis.ids()  # a refused event was never written, so never published
+    assert len(accepted) == 5 and len(refused) == 2
+
+
+def slot_exists(database: str, slot: str) -> bool:
+    with psycopg.connect(database, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+    return row is not None and row[0] is not None
