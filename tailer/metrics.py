@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from tailer.decoder import DecodedTransaction
 
 #: Where the tailer process serves its Prometheus registry (``/metrics``); loopback by default.
 DEFAULT_METRICS_PORT: Final = 9464
@@ -67,6 +71,14 @@ class TailerMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=registry,
         )
+
+    def acknowledged(self, transactions: Sequence[DecodedTransaction], acked_at: float) -> None:
+        """Count the events of ``transactions`` as published at ``acked_at``, and each commit's wait for it."""
+        self.events_published.inc(sum(len(t.events) for t in transactions))
+        self.last_publish_time.set(acked_at)
+        for transaction in transactions:
+            if transaction.events:
+                self.commit_to_ack_seconds.observe(max(0.0, acked_at - transaction.commit_time.timestamp()))
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None = None) -> TailerMetrics:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +27,10 @@ from tailer.pgoutput import format_lsn
 from tailer.publisher import KinesisClient, KinesisPublisher
 from tailer.recovery import SlotLoss, find_loss, recover_slot
 from tailer.settings import TailerSettings
-from tailer.sink import RecordSink, prepared_publish
+from tailer.sink import RecordSink
 from tailer.slot import ADVISORY_LOCK_KEY, SlotReader, SlotStatus, TailerLock, libpq_url, mask_database_url
 from tailer.stream import Keepalive, ReplicationStream
+from tailer.window import PublishWindow, ReadyBatch
 
 LOG = logging.getLogger(__name__)
 
@@ -43,8 +42,6 @@ DEFAULT_IN_FLIGHT = 1
 #: How long a relay cycle waits for new changes while a batch is in flight: short, so an
 #: acknowledgement is confirmed on the slot soon after it arrives.
 _IN_FLIGHT_POLL_SECONDS = 0.005
-#: Wait this long for an acknowledgement before keeping the replication connection alive.
-_QUIET_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,38 +60,6 @@ class CycleResult:
             events=_event_count(transactions),
             heartbeats=sum(1 for t in transactions if t.heartbeat),
             advanced_to=advanced_to,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Ready:
-    """A batch read and decoded, its records prepared: what a cycle hands to a publisher."""
-
-    transactions: list[DecodedTransaction]
-    #: The partition keys of its events.
-    keys: frozenset[str]
-    #: Where the slot may move once it is acknowledged (past heartbeats and keepalives too).
-    confirm_to: int
-    #: Sends the prepared records; ``None`` when there is nothing to publish.
-    send: Callable[[], None] | None
-
-
-@dataclass(frozen=True, slots=True)
-class _InFlight:
-    """A batch handed to the sink and not yet confirmed on the slot."""
-
-    transactions: list[DecodedTransaction]
-    #: The partition keys of its events: a later batch sharing one waits for this one.
-    keys: frozenset[str]
-    #: The slot moves here once this batch and every earlier one are acknowledged.
-    confirm_to: int
-    #: Resolves to the acknowledgement time; ``None`` when there was nothing to publish.
-    acked: Future[float] | None
-
-    def merged_with(self, later: _InFlight) -> _InFlight:
-        """This marker (nothing to publish) followed by a later one, as one."""
-        return _InFlight(
-            self.transactions + later.transactions, frozenset(), max(self.confirm_to, later.confirm_to), None
         )
 
 
@@ -166,13 +131,9 @@ class LogTailer:
         self._horizon_xid: int | None = None
         #: Why the server last refused to stream the slot, until the next activation looks.
         self._refused: SlotLostError | None = None
-        self._in_flight_limit = max(1, in_flight)
-        self._in_flight: deque[_InFlight] = deque()
-        self._publishers: ThreadPoolExecutor | None = None
+        self._window = PublishWindow(self._stream, limit=in_flight, metrics=self.metrics, on_confirmed=self._advanced)
         #: Whether the last live read filled a batch: a backlog, so the next one is ready to read.
         self._backlogged = False
-        #: The next batch of a backlog, read and prepared while the window was full (``read_ahead``).
-        self._read_ahead: _Ready | None = None
         self._read_ahead_enabled = read_ahead
 
     # -- lifecycle
@@ -184,10 +145,8 @@ class LogTailer:
         self.close()
 
     def close(self) -> None:
-        self._abandon_in_flight()
-        if self._publishers is not None:
-            self._publishers.shutdown()
-            self._publishers = None
+        self._window.abandon()
+        self._window.close()
         self._close_stream()
         self._reader.close()
         self._lock.release()
@@ -268,9 +227,8 @@ class LogTailer:
         try:
             # After relay cycles (tests and benches mix them): settle what they left in flight,
             # and read a batch they read ahead again, so the slot never moves past either.
-            while self._in_flight:
-                self._settle(block=True)
-            if self._read_ahead is not None:
+            self._window.settle_all()
+            if self._window.read_ahead is not None:
                 self._close_stream()
             transactions = self._read_until(self._reader.flushed_lsn())
             events = [event for transaction in transactions for event in transaction.events]
@@ -286,7 +244,7 @@ class LogTailer:
             self._close_stream()
             raise
         if events:
-            self._acknowledged(transactions, self._clock())
+            self.metrics.acknowledged(transactions, self._clock())
         if advanced_to is not None:
             if not self._reader.wait_confirmed(advanced_to):
                 LOG.warning("the server has not applied the slot confirmation to %s yet", format_lsn(advanced_to))
@@ -295,16 +253,13 @@ class LogTailer:
         return CycleResult.of(transactions, advanced_to)
 
     def relay_cycle(self) -> CycleResult:
-        """One cycle of the relay loop: read what has arrived, hand it to the sink, confirm what is acknowledged.
+        """One cycle of the relay loop: read what has arrived, hand it to the window, confirm what is acknowledged.
 
-        Unlike :meth:`run_once`, a cycle does not wait for its batch's acknowledgement: up to
-        ``in_flight`` batches are published at once, each by a worker thread, so the next
-        batch is read, decoded and sent while Kinesis still answers the one before. Order
-        holds because a batch that shares a partition key with one in flight waits for it
-        (Kinesis orders records of one shard only as their requests arrive), and the slot is
-        confirmed in commit order, only past batches that were acknowledged along with every
-        batch before them. A crash therefore resends at most the in-flight batches, as
-        before. ``advanced_to`` is where this cycle's confirmations moved the slot.
+        Unlike :meth:`run_once`, a cycle does not wait for its batch's acknowledgement: the
+        :class:`~tailer.window.PublishWindow` keeps up to ``in_flight`` batches published at
+        once, holds back a batch that shares a partition key with one in flight, and confirms
+        the slot in commit order past acknowledged batches only. ``advanced_to`` is where this
+        cycle's confirmations moved the slot.
 
         When the window is full and the last read filled a batch (a backlog), the cycle reads,
         decodes and prepares the next batch while Kinesis answers, and sends it once a place
@@ -321,35 +276,21 @@ class LogTailer:
         if not self.try_activate():
             raise LockUnavailableError("another tailer holds the lock")
         self._check_lock()
-        pending = self._in_flight
+        window = self._window
         try:
-            advanced_to = self._settle(block=False)
-            behind = self._backlogged and self._read_ahead_enabled
-            if behind and self._read_ahead is None and _publishing(pending) >= self._in_flight_limit:
-                self._read_ahead = self._ready(self._read_available(0.0))
+            advanced_to = window.settle()
+            if self._backlogged and self._read_ahead_enabled and window.read_ahead is None and window.full:
+                window.read_ahead = self._ready(self._read_available(0.0))
             # Otherwise wait for a free place before reading, not after: a batch then takes
             # everything that arrived while the window was full (reading first and waiting
             # with the batch in hand left those to the batch after it, one more round trip).
-            while _publishing(pending) >= self._in_flight_limit:
-                advanced_to = self._settle(block=True) or advanced_to
-            ready, self._read_ahead = self._read_ahead, None
+            advanced_to = window.make_room() or advanced_to
+            ready, window.read_ahead = window.read_ahead, None
             if ready is None:
                 wait = self.settings.poll_interval_seconds
-                ready = self._ready(self._read_available(min(wait, _IN_FLIGHT_POLL_SECONDS) if pending else wait))
-            transactions = ready.transactions
-            if ready.send is not None:
-                while pending and _shares_a_key(ready.keys, pending):
-                    advanced_to = self._settle(block=True) or advanced_to
-                pending.append(_InFlight(transactions, ready.keys, ready.confirm_to, self._submit(ready.send)))
-            elif ready.confirm_to > self._stream.confirmed:
-                # Heartbeats or a keepalive position: the slot may move there after what is in flight.
-                # Such a marker takes no place in the window, and markers in a row merge into one,
-                # so an idle stream behind a slow batch neither blocks reading nor grows the queue.
-                marker = _InFlight(transactions, frozenset(), ready.confirm_to, None)
-                if pending and pending[-1].acked is None:
-                    marker = pending.pop().merged_with(marker)
-                pending.append(marker)
-            advanced_to = self._settle(block=False) or advanced_to
+                ready = self._ready(self._read_available(min(wait, _IN_FLIGHT_POLL_SECONDS) if window else wait))
+            advanced_to = window.send(ready) or advanced_to
+            advanced_to = window.settle() or advanced_to
         except BaseException as exc:
             # What was read but not confirmed is read again from the slot: restart the stream.
             # A failure that is not retried stops the publishes still in flight too.
@@ -357,78 +298,19 @@ class LogTailer:
             self._close_stream()
             raise
         self._refresh_status()
-        return CycleResult.of(transactions, advanced_to)
+        return CycleResult.of(ready.transactions, advanced_to)
 
-    def _ready(self, transactions: list[DecodedTransaction]) -> _Ready:
-        """``transactions`` with their records prepared (an oversize event is raised here)."""
-        events = [event for transaction in transactions for event in transaction.events]
-        confirm_to = max(transactions[-1].end_lsn if transactions else 0, self._idle_to or 0)
-        if not events:
-            return _Ready(transactions, frozenset(), confirm_to, None)
-        keys = frozenset(event.partition_key for event in events)
-        return _Ready(transactions, keys, confirm_to, prepared_publish(self.sink, events))
-
-    def _submit(self, send: Callable[[], None]) -> Future[float]:
-        if self._publishers is None:
-            self._publishers = ThreadPoolExecutor(self._in_flight_limit, thread_name_prefix="tagbus-tailer-publish")
-        return self._publishers.submit(self._publish_now, send)
-
-    def _publish_now(self, send: Callable[[], None]) -> float:
-        send()
-        return self._clock()
-
-    def _settle(self, *, block: bool) -> int | None:
-        """Confirm the slot past acknowledged batches at the head of the queue; where it moved, if it did.
-
-        ``block=True`` waits for the head batch (only that one). A publish failure is raised here.
-        """
-        advanced_to = None
-        while self._in_flight:
-            head = self._in_flight[0]
-            if head.acked is not None:
-                if not block and not head.acked.done():
-                    break
-                acked_at = self._acknowledgement(head.acked)
-                self._acknowledged(head.transactions, acked_at)
-            self._in_flight.popleft()
-            if head.confirm_to > self._stream.confirmed:
-                self._stream.confirm(head.confirm_to)
-                advanced_to = head.confirm_to
-                self._advanced()
-            if block:
-                break
-        return advanced_to
-
-    def _acknowledgement(self, acked: Future[float]) -> float:
-        try:
-            return acked.result(_QUIET_WAIT_SECONDS)
-        except FutureTimeout:
-            # A slow or throttled Kinesis: keep the replication connection alive meanwhile.
-            with self._stream.kept_alive():
-                return acked.result()
+    def _ready(self, transactions: list[DecodedTransaction]) -> ReadyBatch:
+        return ReadyBatch.prepare(transactions, self.sink, idle_to=self._idle_to)
 
     def _abandon_in_flight(self, *, stop: bool = False) -> None:
         """Let the batches in flight finish without confirming them (they are read and sent again).
 
         ``stop=True`` first asks them to give up their retries: the tailer is stopping.
         """
-        if not self._in_flight:
-            return
-        if stop:
+        if stop and self._window:
             self._stop.set()
-        for batch in self._in_flight:
-            if batch.acked is not None:
-                exc = batch.acked.exception()
-                if exc is not None and not isinstance(exc, PublishInterruptedError):
-                    LOG.warning("a batch in flight failed too: %r", exc)
-        self._in_flight.clear()
-
-    def _acknowledged(self, transactions: list[DecodedTransaction], acked_at: float) -> None:
-        self.metrics.events_published.inc(_event_count(transactions))
-        self.metrics.last_publish_time.set(acked_at)
-        for transaction in transactions:
-            if transaction.events:
-                self.metrics.commit_to_ack_seconds.observe(max(0.0, acked_at - transaction.commit_time.timestamp()))
+        self._window.abandon()
 
     def _advanced(self) -> None:
         self.metrics.last_advance_time.set(self._clock())
@@ -509,7 +391,7 @@ class LogTailer:
     def _close_stream(self) -> None:
         self._stream.close()
         self._decoder.reset()
-        self._read_ahead = None  # read again from the slot with the rest
+        self._window.read_ahead = None  # read again from the slot with the rest
         self._backlogged = False
 
     def drain(self, *, max_cycles: int = 1_000_000) -> CycleResult:
@@ -597,11 +479,9 @@ class LogTailer:
 
     def _finish_in_flight(self) -> None:
         """On a clean stop: confirm the batches in flight once acknowledged (fewer resent on restart)."""
-        try:
-            while self._in_flight:
-                self._settle(block=True)
-        except (PublishInterruptedError, DatabaseUnavailableError):
-            pass  # stopped mid-retry, or the server is gone: what is unconfirmed is sent again
+        # Stopped mid-retry, or the server is gone: what is unconfirmed is sent again.
+        with contextlib.suppress(PublishInterruptedError, DatabaseUnavailableError):
+            self._window.settle_all()
 
     def _wait_or_stop(self, seconds: float) -> bool:
         # Looks the event up at call time: run(stop) may swap in the caller's event.
@@ -655,15 +535,6 @@ _LOSS_REASONS = {
 
 def _event_count(transactions: list[DecodedTransaction]) -> int:
     return sum(len(t.events) for t in transactions)
-
-
-def _publishing(in_flight: deque[_InFlight]) -> int:
-    """How many places of the window are taken: markers with nothing to publish take none."""
-    return sum(1 for batch in in_flight if batch.acked is not None)
-
-
-def _shares_a_key(keys: frozenset[str], in_flight: deque[_InFlight]) -> bool:
-    return any(not keys.isdisjoint(batch.keys) for batch in in_flight)
 
 
 def run_tailer(
