@@ -1,7 +1,7 @@
 """Log tailer benchmarks: every rate next to a raw ceiling measured on the same endpoint in the same run.
 
 1. **decode**: a backlog (full: 200,000 events in transactions of 100; quick: 20,000) sits
-   in slots created before it. ``LogTailer.drain()`` with a :class:`NullSink` (stream,
+   in slots created before it. ``DrainingTailer.drain()`` with a :class:`NullSink` (stream,
    decode into StoredEvents, confirm) versus the raw baseline: PostgreSQL's own client of
    the same route, ``pg_recvlogical`` streaming the slot with the same pgoutput options into
    ``/dev/null`` (the walsender's decoding and sending, a C client, a null sink). Two more
@@ -65,6 +65,7 @@ from kernel.gc_tuning import quiet_collector
 from kernel.stats import percentile
 from tagbus.install import find_postgres_bindir
 from tailer import ChangeDecoder, KinesisPublisher, LogTailer, NullSink, SlotReader, TailerMetrics
+from tailer.drain import DrainingTailer
 from tailer.runner import DEFAULT_IN_FLIGHT
 from tailer.settings import TailerSettings
 from tailer.stream import ReplicationStream
@@ -302,7 +303,7 @@ def measure_decode(url: str, backlog: Backlog, sizes: Sizes) -> dict[str, Any]:
             with slot_copy(admin, backlog.full_slot) as slot:
                 sink = NullSink()
                 settings = tailer_settings(url, slot, sizes)
-                with LogTailer(settings, None, sink=sink, registry=CollectorRegistry()) as tailer:
+                with DrainingTailer(settings, None, sink=sink, registry=CollectorRegistry()) as tailer:
                     if not tailer.try_activate():
                         raise RuntimeError("another tailer holds the bench database's lock")
                     started = time.perf_counter()
@@ -738,7 +739,7 @@ def measure_publish(
                 instant = InstantKinesis(shard_list)
                 with slot_copy(admin, backlog.publish_slot) as slot:
                     settings = tailer_settings(url, slot, sizes, stream="instant")
-                    with LogTailer(settings, instant, aggregate=aggregate, registry=CollectorRegistry()) as tailer:
+                    with DrainingTailer(settings, instant, aggregate=aggregate, registry=CollectorRegistry()) as tailer:
                         if not tailer.try_activate():
                             raise RuntimeError("another tailer holds the bench database's lock")
                         started = time.perf_counter()

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from prometheus_client import CollectorRegistry
 
@@ -76,7 +76,6 @@ class LogTailer:
         table: str = "events",
         max_read_batch: int = 5_000,
         max_read_bytes: int = 8 * 1_048_576,
-        caught_up_wait_seconds: float = 0.25,
         lock_key: int = ADVISORY_LOCK_KEY,
         lock_retry_seconds: float = 1.0,
         lock_check_seconds: float = 1.0,
@@ -112,11 +111,8 @@ class LogTailer:
         self._decoder = ChangeDecoder(table=table, metrics=self.metrics)
         #: The keepalive position the last live read saw, if it saw one (see relay_cycle).
         self._idle_to: int | None = None
-        # A batch ends at the first commit past either bound: memory is bounded by the
-        # batch (and the largest transaction), whatever the backlog.
         self._max_read_batch = max(max_read_batch, settings.read_batch)
         self._max_read_bytes = max_read_bytes
-        self._caught_up_wait = caught_up_wait_seconds
         self._lock_retry_seconds = lock_retry_seconds
         self._lock_check_seconds = lock_check_seconds
         self._status_interval = status_interval_seconds
@@ -138,7 +134,7 @@ class LogTailer:
 
     # -- lifecycle
 
-    def __enter__(self) -> LogTailer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -166,6 +162,12 @@ class LogTailer:
             self._slot_ready = True
             self._last_lock_check = time.monotonic()
         return True
+
+    def _activate(self) -> None:
+        """Hold the lock and a ready slot before a cycle: :class:`LockUnavailableError` if another tailer is active."""
+        if not self.try_activate():
+            raise LockUnavailableError("another tailer holds the lock")
+        self._check_lock()
 
     def _prepare_slot(self) -> None:
         """Make the slot ready to stream: create it on a first start, recreate it when lost."""
@@ -214,48 +216,10 @@ class LogTailer:
 
     # -- one cycle
 
-    def run_once(self) -> CycleResult:
-        """Read whole transactions from the slot, publish their events, then confirm the slot past them.
-
-        The cycle reads everything committed before it started (or a batch's worth) and
-        returns once the slot's confirmed_flush_lsn shows the confirmation: the cycle of
-        :meth:`drain`. The relay loop runs :meth:`relay_cycle` instead.
-        """
-        if not self.try_activate():
-            raise LockUnavailableError("another tailer holds the lock")
-        self._check_lock()
-        try:
-            # After relay cycles (tests and benches mix them): settle what they left in flight,
-            # and read a batch they read ahead again, so the slot never moves past either.
-            self._window.settle_all()
-            if self._window.read_ahead is not None:
-                self._close_stream()
-            transactions = self._read_until(self._reader.flushed_lsn())
-            events = [event for transaction in transactions for event in transaction.events]
-            if events:
-                with self._stream.kept_alive():
-                    self.sink.publish(events)
-            advanced_to = transactions[-1].end_lsn if transactions else None
-            if advanced_to is not None:
-                self._stream.confirm(advanced_to)
-        except BaseException:
-            # What was read but not confirmed is read again from the slot: restart the stream.
-            self._abandon_in_flight()
-            self._close_stream()
-            raise
-        if events:
-            self.metrics.acknowledged(transactions, self._clock())
-        if advanced_to is not None:
-            if not self._reader.wait_confirmed(advanced_to):
-                LOG.warning("the server has not applied the slot confirmation to %s yet", format_lsn(advanced_to))
-            self._advanced()
-        self._refresh_status()
-        return CycleResult.of(transactions, advanced_to)
-
     def relay_cycle(self) -> CycleResult:
         """One cycle of the relay loop: read what has arrived, hand it to the window, confirm what is acknowledged.
 
-        Unlike :meth:`run_once`, a cycle does not wait for its batch's acknowledgement: the
+        A cycle does not wait for its batch's acknowledgement: the
         :class:`~tailer.window.PublishWindow` keeps up to ``in_flight`` batches published at
         once, holds back a batch that shares a partition key with one in flight, and confirms
         the slot in commit order past acknowledged batches only. ``advanced_to`` is where this
@@ -273,9 +237,7 @@ class LogTailer:
         acknowledged; a fast shutdown waits for that (a walsender exits only once its client
         confirmed all it sent).
         """
-        if not self.try_activate():
-            raise LockUnavailableError("another tailer holds the lock")
-        self._check_lock()
+        self._activate()
         window = self._window
         try:
             advanced_to = window.settle()
@@ -316,35 +278,10 @@ class LogTailer:
         self.metrics.last_advance_time.set(self._clock())
         self._last_progress = time.monotonic()
 
-    def _read_until(self, target: int) -> list[DecodedTransaction]:
-        """Transactions until the server has sent everything before ``target`` (or a batch is full)."""
-        stream = self._started_stream()
-        stream.confirm(stream.confirmed, request_reply=True)  # a keepalive tells how far it has sent
-        batch = _Batch(self._max_read_batch, self._max_read_bytes)
-        decoder = self._decoder
-        sent_to: int | None = None
-        previous: int | None = None
-        while True:
-            message = stream.read(self._caught_up_wait)
-            if type(message) is bytes:
-                if batch.add(message, decoder.feed(message)):
-                    return batch.transactions
-            elif isinstance(message, Keepalive):
-                sent_to = message.wal_end
-                if sent_to >= target and not decoder.in_transaction:
-                    return batch.transactions
-            elif not decoder.in_transaction and sent_to is not None and sent_to == previous:
-                # Quiet, at a transaction boundary, and the server's position did not move:
-                # it sent all it has (a flush position inside a WAL record is never reached).
-                return batch.transactions
-            else:
-                previous = sent_to
-                stream.confirm(stream.confirmed, request_reply=True)
-
     def _read_available(self, wait: float) -> list[DecodedTransaction]:
         """What has arrived, waiting up to ``wait`` seconds for the first change; whole transactions."""
         stream = self._started_stream()
-        batch = _Batch(self._max_read_batch, self._max_read_bytes)
+        batch = self._new_batch()
         decoder = self._decoder
         timeout = wait
         self._idle_to = None
@@ -376,6 +313,11 @@ class LogTailer:
                 # open transaction (the server is still sending it).
                 timeout = wait if decoder.in_transaction else 0.0
 
+    def _new_batch(self) -> _Batch:
+        # A batch ends at the first commit past either bound: memory is bounded by the
+        # batch (and the largest transaction), whatever the backlog.
+        return _Batch(self._max_read_batch, self._max_read_bytes)
+
     def _started_stream(self) -> ReplicationStream:
         if not self._stream.started:
             self._decoder.reset()
@@ -394,27 +336,9 @@ class LogTailer:
         self._window.read_ahead = None  # read again from the slot with the rest
         self._backlogged = False
 
-    def drain(self, *, max_cycles: int = 1_000_000) -> CycleResult:
-        """Run cycles until the slot has nothing more; the totals."""
-        total = CycleResult(0, 0, 0, None)
-        for _ in range(max_cycles):
-            result = self.run_once()
-            if not result.transactions:
-                break
-            total = CycleResult(
-                transactions=total.transactions + result.transactions,
-                events=total.events + result.events,
-                heartbeats=total.heartbeats + result.heartbeats,
-                advanced_to=result.advanced_to,
-            )
-        return total
-
     def emit_heartbeat(self) -> None:
         self._reader.emit_heartbeat()
         self._last_progress = time.monotonic()
-
-    def slot_status(self) -> SlotStatus | None:
-        return self._reader.status()
 
     # -- the loop
 

@@ -19,7 +19,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kernel.envelope import StoredEvent
-from tailer import KinesisPublisher, LogTailer, TailerMetrics
+from tailer import KinesisPublisher, TailerMetrics
+from tailer.drain import DrainingTailer
 from tailer.republish import republish
 from tailer.settings import TailerSettings
 from tests.fixtures.kinesis import versions_on_stream
@@ -164,7 +165,7 @@ def test_partial_failures_keep_each_stream_in_version_order(database_url: str) -
 
 def test_records_match_the_tailers_except_the_position(database_url: str, slot_name: str) -> None:
     tailer_sink = RecordingSink()
-    tailer = LogTailer(
+    tailer = DrainingTailer(
         TailerSettings(database_url=database_url, slot_name=slot_name),
         None,
         sink=tailer_sink,

@@ -36,6 +36,7 @@ from tailer import (
     mask_database_url,
     slot_status,
 )
+from tailer.drain import DrainingTailer
 from tailer.pgoutput import format_lsn, parse_lsn
 from tailer.settings import TailerSettings
 from tests.fixtures.kinesis import versions_on_stream
@@ -100,9 +101,11 @@ def settings_for(url: str, slot: str, **overrides: Any) -> TailerSettings:
     return TailerSettings(database_url=url, slot_name=slot, stream_name="tagbus-test", **overrides)
 
 
-def make_tailer(url: str, slot: str, sink: Any = None, kinesis: Any = None, **knobs: Any) -> LogTailer:
+def make_tailer(url: str, slot: str, sink: Any = None, kinesis: Any = None, **knobs: Any) -> DrainingTailer:
     overrides = {k: knobs.pop(k) for k in ("read_batch", "heartbeat_seconds", "poll_interval_seconds") if k in knobs}
-    return LogTailer(settings_for(url, slot, **overrides), kinesis, sink=sink, registry=CollectorRegistry(), **knobs)
+    return DrainingTailer(
+        settings_for(url, slot, **overrides), kinesis, sink=sink, registry=CollectorRegistry(), **knobs
+    )
 
 
 def confirmed_flush(url: str, slot: str) -> int:
@@ -390,7 +393,7 @@ def cycle_until(tailer: LogTailer, condition: Callable[[], bool]) -> None:
 
 def started_tailer(
     database_url: str, slot_name: str, sink: GatedSink, tailers: list[LogTailer], **knobs: Any
-) -> LogTailer:
+) -> DrainingTailer:
     """A tailer over ``sink``, closed after the test, active, its stream started and idle."""
     tailer = make_tailer(database_url, slot_name, sink, **knobs)
     tailers.append(tailer)
@@ -517,7 +520,7 @@ class PreparingSink(GatedSink):
             raise RuntimeError("rejected")
 
 
-def backlog_tailer(database_url: str, slot_name: str, sink: PreparingSink, tailers: list[LogTailer]) -> LogTailer:
+def backlog_tailer(database_url: str, slot_name: str, sink: PreparingSink, tailers: list[LogTailer]) -> DrainingTailer:
     """A tailer reading two single-event transactions per batch, one batch in flight, over six committed."""
     tailer = started_tailer(database_url, slot_name, sink, tailers, read_batch=6, max_read_batch=6, in_flight=1)
     commit_events(database_url, *[[(f"{stream}1", stream, 1)] for stream in "abcdef"])
@@ -960,7 +963,7 @@ def test_masked_database_url_never_shows_the_password() -> None:
 def test_publishes_to_a_real_kinesis_endpoint(
     database_url: str, slot_name: str, tailers: list[LogTailer], kinesis_client: Any, kinesis_stream: str
 ) -> None:
-    tailer = LogTailer(
+    tailer = DrainingTailer(
         TailerSettings(database_url=database_url, slot_name=slot_name, stream_name=kinesis_stream),
         kinesis_client,
         registry=CollectorRegistry(),

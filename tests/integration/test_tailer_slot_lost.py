@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from devtools.postgres_cluster import ClusterUnavailableError, TemporaryCluster, cloned_database, create_template
 from kernel.envelope import StoredEvent
 from tailer import LogTailer, SlotLostError, slot_status
+from tailer.drain import DrainingTailer
 from tailer.recovery import MARKER_INFIX
 from tailer.settings import TailerSettings
 
@@ -108,9 +109,9 @@ class Ledger:
         return made
 
 
-def make_tailer(url: str, slot: str, sink: RecordingSink, registry: CollectorRegistry) -> LogTailer:
+def make_tailer(url: str, slot: str, sink: RecordingSink, registry: CollectorRegistry) -> DrainingTailer:
     settings = TailerSettings(database_url=url, slot_name=slot, stream_name="tagbus-test")
-    return LogTailer(settings, None, sink=sink, registry=registry, status_interval_seconds=0.0)
+    return DrainingTailer(settings, None, sink=sink, registry=registry, status_interval_seconds=0.0)
 
 
 class RunningTailer:
