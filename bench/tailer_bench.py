@@ -66,8 +66,7 @@ from kernel.stats import percentile
 from tagbus.install import find_postgres_bindir
 from tailer import ChangeDecoder, KinesisPublisher, LogTailer, NullSink, SlotReader, TailerMetrics
 from tailer.drain import DrainingTailer
-from tailer.runner import DEFAULT_IN_FLIGHT
-from tailer.settings import TailerSettings
+from tailer.settings import DEFAULT_IN_FLIGHT, TailerSettings, TailerTuning
 from tailer.stream import ReplicationStream
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +127,6 @@ class Sizes:
     publish_rounds: int = 2
     aggregated_publish_rounds: int = 5
     txn_size: int = 100
-    read_batch: int = 2_000
     latency_rate: float = 1_000.0
     latency_warmup_seconds: float = 2.0
     latency_inserters: int = 4
@@ -260,7 +258,6 @@ def tailer_settings(url: str, slot: str, sizes: Sizes, *, stream: str = "unused"
         stream_name=stream,
         slot_name=slot,
         publication=PUBLICATION,
-        read_batch=sizes.read_batch,
         poll_interval_seconds=sizes.poll_interval_seconds,
     )
 
@@ -356,7 +353,7 @@ def measure_decode(url: str, backlog: Backlog, sizes: Sizes) -> dict[str, Any]:
         "ratio_to_stream": round(drain / streamed, 3),
         "fetch_events_per_s": round(fetch),
         "python_decode_events_per_s": round(python_decode),
-        "read_batch": sizes.read_batch,
+        "read_batch": TailerTuning().max_read_batch,
         "meets_ratio": drain / raw >= TARGET_DECODE_RATIO,
         "meets_rate": drain >= TARGET_NULL_SINK_PER_S,
     }
@@ -712,10 +709,12 @@ def relay_all(tailer: LogTailer, registry: CollectorRegistry, events: int, timeo
         thread.join(60)
 
 
-def relay_slot(settings: TailerSettings, client: Any, events: int, **options: Any) -> tuple[float, CollectorRegistry]:
+def relay_slot(
+    settings: TailerSettings, client: Any, events: int, tuning: TailerTuning
+) -> tuple[float, CollectorRegistry]:
     """A fresh tailer's relay loop over ``settings``' slot until ``events`` are acknowledged; seconds, metrics."""
     registry = CollectorRegistry()
-    with LogTailer(settings, client, registry=registry, **options) as tailer:
+    with LogTailer(settings, client, registry=registry, tuning=tuning) as tailer:
         if not tailer.try_activate():
             raise RuntimeError("another tailer holds the bench database's lock")
         return relay_all(tailer, registry, events), registry
@@ -734,12 +733,13 @@ def measure_publish(
             with fresh_stream(client, prefix, shards) as probe:
                 shard_list = client.list_shards(StreamName=probe)["Shards"]
             for aggregate in (False, True):
+                tuning = TailerTuning(aggregate=aggregate)
                 # The tailer into an endpoint that acknowledges at once: its CPU ceiling, and the
                 # exact records (same read batches, same aggregates) the raw runs then replay.
                 instant = InstantKinesis(shard_list)
                 with slot_copy(admin, backlog.publish_slot) as slot:
                     settings = tailer_settings(url, slot, sizes, stream="instant")
-                    with DrainingTailer(settings, instant, aggregate=aggregate, registry=CollectorRegistry()) as tailer:
+                    with DrainingTailer(settings, instant, registry=CollectorRegistry(), tuning=tuning) as tailer:
                         if not tailer.try_activate():
                             raise RuntimeError("another tailer holds the bench database's lock")
                         started = time.perf_counter()
@@ -754,7 +754,7 @@ def measure_publish(
                 for _ in range(sizes.aggregated_publish_rounds if aggregate else sizes.publish_rounds):
                     with slot_copy(admin, backlog.publish_slot) as slot, fresh_stream(client, prefix, shards) as stream:
                         settings = tailer_settings(url, slot, sizes, stream=stream)
-                        run_seconds, registry = relay_slot(settings, client, len(events), aggregate=aggregate)
+                        run_seconds, registry = relay_slot(settings, client, len(events), tuning)
                         tailer_runs.append(run_seconds)
                         sent += registry.get_sample_value("tagbus_tailer_putrecords_batch_size_sum") or 0.0
                         retries += sum(
@@ -815,7 +815,7 @@ def measure_read_ahead(url: str, backlog: Backlog, sizes: Sizes) -> list[dict[st
                         client = FixedDelayKinesis(even_shards(4), READ_AHEAD_CALL_SECONDS)
                         settings = tailer_settings(url, slot, sizes, stream="fixed-delay")
                         run_seconds, _ = relay_slot(
-                            settings, client, events, aggregate=aggregate, read_ahead=read_ahead
+                            settings, client, events, TailerTuning(aggregate=aggregate, read_ahead=read_ahead)
                         )
                         seconds[read_ahead].append(run_seconds)
             on, off = (events / statistics.mean(seconds[flag]) for flag in (True, False))
@@ -916,7 +916,7 @@ def measure_latency(
     settings = tailer_settings(url, slot, sizes, stream=stream)
     stop = threading.Event()
     failure: list[BaseException] = []
-    tailer = LogTailer(settings, None, sink=sink, registry=registry, in_flight=in_flight)
+    tailer = LogTailer(settings, None, sink=sink, registry=registry, tuning=TailerTuning(in_flight=in_flight))
 
     def relay() -> None:
         try:
@@ -1035,7 +1035,7 @@ def proc_status_kb(pid: int | str, field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
-def rss_child(slot: str, read_batch: int, events: int) -> None:
+def rss_child(slot: str, events: int) -> None:
     """The subprocess side of :func:`measure_memory`: relay ``slot``'s ``events``, print one JSON line.
 
     The relay loop runs as in the tailer process, aggregating into an endpoint that answers
@@ -1044,9 +1044,9 @@ def rss_child(slot: str, read_batch: int, events: int) -> None:
     """
     url = os.environ[CHILD_URL_ENV]
     client = FixedDelayKinesis(even_shards(4), MEMORY_CALL_SECONDS, keep=False)
-    settings = TailerSettings(database_url=url, slot_name=slot, publication=PUBLICATION, read_batch=read_batch)
+    settings = TailerSettings(database_url=url, slot_name=slot, publication=PUBLICATION)
     registry = CollectorRegistry()
-    with LogTailer(settings, client, aggregate=True, registry=registry) as tailer:
+    with LogTailer(settings, client, registry=registry, tuning=TailerTuning(aggregate=True)) as tailer:
         if not tailer.try_activate():
             raise RuntimeError("another tailer holds the bench database's lock")
         before = proc_status_kb("self", "VmHWM")
@@ -1058,7 +1058,7 @@ def rss_child(slot: str, read_batch: int, events: int) -> None:
 
 def relay_in_subprocess(url: str, slot: str, events: int, sizes: Sizes, timeout: float = 600.0) -> dict[str, Any]:
     """Run :func:`rss_child` and sample its ``VmRSS`` every 20 ms meanwhile."""
-    command = [sys.executable, "-m", "bench.tailer_bench", "--rss-child", slot, "--read-batch", str(sizes.read_batch)]
+    command = [sys.executable, "-m", "bench.tailer_bench", "--rss-child", slot]
     command += ["--events", str(events)]
     env = {**os.environ, CHILD_URL_ENV: url}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE)
@@ -1397,11 +1397,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="20,000-event backlog, 10 s latency run")
     parser.add_argument("--database-url", default=os.environ.get("TAGBUS_BENCH_DATABASE_URL"))
     parser.add_argument("--rss-child", metavar="SLOT", help=argparse.SUPPRESS)
-    parser.add_argument("--read-batch", type=int, default=FULL.read_batch, help=argparse.SUPPRESS)
     parser.add_argument("--events", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
-        rss_child(args.rss_child, args.read_batch, args.events)
+        rss_child(args.rss_child, args.events)
         return 0
     from bench.__main__ import server_url
 

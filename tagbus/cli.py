@@ -354,6 +354,7 @@ def tailer(
 
     from tagbus import aws
     from tailer import run_tailer
+    from tailer.settings import TailerTuning
 
     s = _settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -365,9 +366,8 @@ def tailer(
     kinesis = aws.client(
         s, "kinesis", connect_timeout=5, read_timeout=15, retries={"mode": "standard", "max_attempts": 1}
     )
-    run_tailer(
-        s.tailer(), kinesis, stop=stop, metrics_port=metrics_port or None, aggregate=aggregate, in_flight=in_flight
-    )
+    tuning = TailerTuning(aggregate=aggregate, in_flight=in_flight)
+    run_tailer(s.tailer(), kinesis, stop=stop, tuning=tuning, metrics_port=metrics_port or None)
 
 
 @app.command()

@@ -9,28 +9,38 @@ consumers apply by version). The relay loop can keep several batches in flight (
 default); a batch that shares a stream (partition key) with one in flight waits for it, and
 the slot is confirmed in commit order.
 
-Modules, one part each (this package re-exports their public names):
+Modules, one part each (this package re-exports the public names of all but the last three):
 
 - ``errors`` — the error hierarchy below; ``metrics`` — :class:`TailerMetrics` and ``/metrics``;
 - ``stream`` — :class:`ReplicationStream` (``START_REPLICATION … LOGICAL``; why, in its docstring);
 - ``slot`` — :class:`SlotReader`, :class:`TailerLock`, slot status and URL helpers;
 - ``decoder`` — :class:`ChangeDecoder`; ``sink`` — :class:`RecordSink`, :class:`NullSink`;
 - ``recovery`` — a lost slot recreated, and the events table republished from where it was;
-- ``publisher`` — :class:`KinesisPublisher`; ``runner`` — :class:`LogTailer`, :func:`run_tailer`.
+- ``publisher`` — :class:`KinesisPublisher`; ``runner`` — :class:`LogTailer`, :func:`run_tailer`;
+- ``settings`` — :class:`~tailer.settings.TailerSettings` (what to relay, from the composition
+  root) and :class:`~tailer.settings.TailerTuning` (batch bounds, batches in flight, backoff);
+- ``window`` — :class:`~tailer.window.PublishWindow`, the relay loop's batches in flight;
+- ``drain`` — :class:`~tailer.drain.DrainingTailer`, a tailer that relays one batch at a time
+  and waits for it: for tests and benchmarks only.
 
 Parts, each small:
 
 - :class:`ReplicationStream` — the slot's changes, pushed by the server over one decoding
   session; confirmations are standby status updates.
-- :class:`SlotReader` — the SQL interface of the slot (create, heartbeat, status, and the
-  peek/advance functions kept for benchmarks and tools); driver errors become
-  :class:`DatabaseUnavailableError` / :class:`SlotBusyError`.
+- :class:`SlotReader` — the SQL interface of the slot (create, heartbeat, status, and a peek
+  for benchmarks and tests); driver errors become :class:`DatabaseUnavailableError` /
+  :class:`SlotBusyError`.
 - :class:`TailerLock` — ``pg_try_advisory_lock`` on a dedicated session: one active tailer.
 - :class:`ChangeDecoder` — pgoutput messages → :class:`DecodedTransaction` of
   :class:`~kernel.envelope.StoredEvent`.
 - :class:`RecordSink` — where events go; :class:`KinesisPublisher` (``PutRecords``) and
   :class:`NullSink` (decode-only benchmarks).
-- :class:`LogTailer` — the loop tying them together, with metrics (:class:`TailerMetrics`).
+- :class:`~tailer.window.PublishWindow` — the batches published and not yet confirmed: it
+  holds back a batch that shares a partition key with one in flight, confirms the slot in
+  commit order past acknowledged batches only, and keeps the next batch of a backlog read
+  ahead while the window is full.
+- :class:`LogTailer` — the loop tying them together (lock, slot, reads, the window, recovery
+  of a lost slot), with metrics (:class:`TailerMetrics`); :func:`run_tailer` is the process.
 
 Errors::
 
@@ -39,7 +49,7 @@ Errors::
     │   └── SlotBusyError            slot in use by another session (retried by run())
     ├── SlotConfigurationError       slot exists with another plugin/database, wal_level wrong
     ├── SlotLostError                slot dropped or invalidated (recreated and republished by run())
-    ├── LockUnavailableError         run_once() while another tailer holds the lock
+    ├── LockUnavailableError         a cycle while another tailer holds the lock
     ├── EventDecodeError             a WAL row cannot become a StoredEvent (fatal)
     ├── OversizeRecordError          an event's record exceeds Kinesis' 1 MiB (fatal, loud)
     └── PublishError

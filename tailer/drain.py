@@ -9,6 +9,7 @@ slot's confirmation applied by the server. Nothing in the tailer process uses th
 from __future__ import annotations
 
 import logging
+import time
 from typing import Final
 
 from tailer.decoder import DecodedTransaction
@@ -56,7 +57,7 @@ class DrainingTailer(LogTailer):
             self._close_stream()
             raise
         if events:
-            self.metrics.acknowledged(transactions, self._clock())
+            self.metrics.acknowledged(transactions, time.time())
         if advanced_to is not None:
             if not self._reader.wait_confirmed(advanced_to):
                 LOG.warning("the server has not applied the slot confirmation to %s yet", format_lsn(advanced_to))

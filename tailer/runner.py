@@ -6,9 +6,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Self
 
 from prometheus_client import CollectorRegistry
 
@@ -26,22 +25,19 @@ from tailer.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, TailerMet
 from tailer.pgoutput import format_lsn
 from tailer.publisher import KinesisClient, KinesisPublisher
 from tailer.recovery import SlotLoss, find_loss, recover_slot
-from tailer.settings import TailerSettings
+from tailer.settings import TailerSettings, TailerTuning
 from tailer.sink import RecordSink
-from tailer.slot import ADVISORY_LOCK_KEY, SlotReader, SlotStatus, TailerLock, libpq_url, mask_database_url
+from tailer.slot import SlotReader, SlotStatus, TailerLock, libpq_url, mask_database_url
 from tailer.stream import Keepalive, ReplicationStream
 from tailer.window import PublishWindow, ReadyBatch
 
 LOG = logging.getLogger(__name__)
 
-#: Batches the relay loop keeps published at once (see :meth:`LogTailer.relay_cycle`). One:
-#: kinesis-mock answers concurrent requests one after the other, each slower, and two in
-#: flight raised commit → ack p99 in every alternating round against it. An endpoint that
-#: answers in parallel (real Kinesis) is where more can pay off; measure before raising it.
-DEFAULT_IN_FLIGHT = 1
 #: How long a relay cycle waits for new changes while a batch is in flight: short, so an
 #: acknowledgement is confirmed on the slot soon after it arrives.
 _IN_FLIGHT_POLL_SECONDS = 0.005
+#: How often an active tailer makes sure its lock session is still there.
+_LOCK_CHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,21 +69,11 @@ class LogTailer:
         *,
         sink: RecordSink | None = None,
         registry: CollectorRegistry | None = None,
-        table: str = "events",
-        max_read_batch: int = 5_000,
-        max_read_bytes: int = 8 * 1_048_576,
-        lock_key: int = ADVISORY_LOCK_KEY,
-        lock_retry_seconds: float = 1.0,
-        lock_check_seconds: float = 1.0,
-        status_interval_seconds: float = 5.0,
-        reconnect_backoff_cap_seconds: float = 10.0,
-        publish_backoff_cap_seconds: float = 5.0,
-        aggregate: bool = False,
-        in_flight: int = DEFAULT_IN_FLIGHT,
-        read_ahead: bool = True,
-        clock: Callable[[], float] = time.time,
+        tuning: TailerTuning | None = None,
     ) -> None:
+        """Publish to ``kinesis`` (``settings.stream_name``), or hand events to ``sink`` instead."""
         self.settings = settings
+        self.tuning = tuning = tuning or TailerTuning()
         self.metrics = TailerMetrics.for_registry(registry)
         self._stop = threading.Event()
         if sink is None:
@@ -97,27 +83,19 @@ class LogTailer:
                 kinesis,
                 settings.stream_name,
                 metrics=self.metrics,
-                backoff_cap_seconds=publish_backoff_cap_seconds,
+                backoff_cap_seconds=tuning.publish_backoff_cap_seconds,
                 wait=self._wait_or_stop,
-                aggregate=aggregate,
+                aggregate=tuning.aggregate,
             )
         self.sink = sink
         url = libpq_url(settings.database_url)
         self._url = url
-        self._table = table
         self._reader = SlotReader(url, settings.slot_name, settings.publication)
         self._stream = ReplicationStream(url, settings.slot_name, settings.publication)
-        self._lock = TailerLock(url, key=lock_key)
-        self._decoder = ChangeDecoder(table=table, metrics=self.metrics)
+        self._lock = TailerLock(url)
+        self._decoder = ChangeDecoder(metrics=self.metrics)
         #: The keepalive position the last live read saw, if it saw one (see relay_cycle).
         self._idle_to: int | None = None
-        self._max_read_batch = max(max_read_batch, settings.read_batch)
-        self._max_read_bytes = max_read_bytes
-        self._lock_retry_seconds = lock_retry_seconds
-        self._lock_check_seconds = lock_check_seconds
-        self._status_interval = status_interval_seconds
-        self._reconnect_cap = reconnect_backoff_cap_seconds
-        self._clock = clock
         self._last_lock_check = 0.0
         self._last_status = float("-inf")
         self._last_progress = time.monotonic()
@@ -127,10 +105,11 @@ class LogTailer:
         self._horizon_xid: int | None = None
         #: Why the server last refused to stream the slot, until the next activation looks.
         self._refused: SlotLostError | None = None
-        self._window = PublishWindow(self._stream, limit=in_flight, metrics=self.metrics, on_confirmed=self._advanced)
+        self._window = PublishWindow(
+            self._stream, limit=tuning.in_flight, metrics=self.metrics, on_confirmed=self._advanced
+        )
         #: Whether the last live read filled a batch: a backlog, so the next one is ready to read.
         self._backlogged = False
-        self._read_ahead_enabled = read_ahead
 
     # -- lifecycle
 
@@ -195,7 +174,7 @@ class LogTailer:
             confirmed,
             loss.horizon_xid,
         )
-        recovery = recover_slot(self._url, self._reader, loss, self.sink, table=self._table)
+        recovery = recover_slot(self._url, self._reader, loss, self.sink)
         self.metrics.slot_recreated.labels(reason=loss.reason).inc()
         self.metrics.events_republished.inc(recovery.events)
         self.metrics.events_published.inc(recovery.events)
@@ -241,7 +220,7 @@ class LogTailer:
         window = self._window
         try:
             advanced_to = window.settle()
-            if self._backlogged and self._read_ahead_enabled and window.read_ahead is None and window.full:
+            if self._backlogged and self.tuning.read_ahead and window.read_ahead is None and window.full:
                 window.read_ahead = self._ready(self._read_available(0.0))
             # Otherwise wait for a free place before reading, not after: a batch then takes
             # everything that arrived while the window was full (reading first and waiting
@@ -275,7 +254,7 @@ class LogTailer:
         self._window.abandon()
 
     def _advanced(self) -> None:
-        self.metrics.last_advance_time.set(self._clock())
+        self.metrics.last_advance_time.set(time.time())
         self._last_progress = time.monotonic()
 
     def _read_available(self, wait: float) -> list[DecodedTransaction]:
@@ -314,9 +293,7 @@ class LogTailer:
                 timeout = wait if decoder.in_transaction else 0.0
 
     def _new_batch(self) -> _Batch:
-        # A batch ends at the first commit past either bound: memory is bounded by the
-        # batch (and the largest transaction), whatever the backlog.
-        return _Batch(self._max_read_batch, self._max_read_bytes)
+        return _Batch(self.tuning.max_read_batch, self.tuning.max_read_bytes)
 
     def _started_stream(self) -> ReplicationStream:
         if not self._stream.started:
@@ -368,7 +345,7 @@ class LogTailer:
                             if not waiting_logged:
                                 LOG.info("another tailer is active; waiting for the lock")
                                 waiting_logged = True
-                            stop.wait(self._lock_retry_seconds)
+                            stop.wait(self.tuning.lock_retry_seconds)
                             continue
                         # One startup line unless this tailer waited and is now taking over.
                         level = logging.INFO if waiting_logged else logging.DEBUG
@@ -389,7 +366,7 @@ class LogTailer:
                     continue  # the next activation recovers the slot
                 except DatabaseUnavailableError as exc:
                     failures += 1
-                    delay = Backoff(0.2, self._reconnect_cap, Jitter.FULL).delay(failures + 1)
+                    delay = Backoff(0.2, self.tuning.reconnect_backoff_cap_seconds, Jitter.FULL).delay(failures + 1)
                     LOG.warning("database unavailable (%s); retrying in %.2fs", exc, delay)
                     self.close()
                     stop.wait(delay)
@@ -413,13 +390,13 @@ class LogTailer:
 
     def _check_lock(self) -> None:
         now = time.monotonic()
-        if now - self._last_lock_check >= self._lock_check_seconds:
+        if now - self._last_lock_check >= _LOCK_CHECK_SECONDS:
             self._lock.check()
             self._last_lock_check = now
 
     def _refresh_status(self) -> None:
         now = time.monotonic()
-        if now - self._last_status < self._status_interval:
+        if now - self._last_status < self.tuning.status_interval_seconds:
             return
         self._last_status = now
         status = self._reader.status()
@@ -463,25 +440,22 @@ def _event_count(transactions: list[DecodedTransaction]) -> int:
 
 def run_tailer(
     settings: TailerSettings,
-    kinesis: KinesisClient | None,
+    kinesis: KinesisClient,
     *,
     stop: threading.Event,
+    tuning: TailerTuning | None = None,
     metrics_port: int | None = DEFAULT_METRICS_PORT,
     metrics_host: str = DEFAULT_METRICS_HOST,
     registry: CollectorRegistry | None = None,
-    **tailer_options: Any,
 ) -> None:
-    """The tailer process: serve ``/metrics`` (unless ``metrics_port`` is ``None``) and relay until ``stop``.
-
-    ``tailer_options`` go to :class:`LogTailer` (``sink=``, ``aggregate=``, backoff knobs …).
-    """
+    """The tailer process: serve ``/metrics`` (unless ``metrics_port`` is ``None``) and relay until ``stop``."""
     quiet_collector()  # no collector pauses of tens of ms between a commit and its publish
     metrics_server = None
     if metrics_port is not None:
         metrics_server = start_metrics_server(metrics_port, host=metrics_host, registry=registry)
         LOG.info("tailer metrics at %s", metrics_server.url)
     try:
-        with LogTailer(settings, kinesis, registry=registry, **tailer_options) as relay:
+        with LogTailer(settings, kinesis, registry=registry, tuning=tuning) as relay:
             relay.run(stop)
     finally:
         if metrics_server is not None:

@@ -196,8 +196,10 @@ class SlotReader:
     def peek(self, max_changes: int) -> list[bytes]:
         """Whole transactions after confirmed_flush_lsn, at least ``max_changes`` messages if available.
 
-        Each call is a fresh decoding session from the slot's restart_lsn; the server
-        checks the change limit only at commits, so a transaction is never cut in two.
+        For benchmarks and tests (the slot does not move); the tailer streams the slot instead
+        (:mod:`tailer.stream` says why). Each call is a fresh decoding session from the slot's
+        restart_lsn; the server checks the change limit only at commits, so a transaction is
+        never cut in two.
         """
         with _translate:
             cursor = self.connection.execute(
@@ -210,13 +212,6 @@ class SlotReader:
                 binary=True,
             )
             return [row[0] for row in cursor.fetchall()]
-
-    def advance(self, lsn: int) -> None:
-        """Move confirmed_flush_lsn to ``lsn`` (the end LSN of the last acknowledged commit)."""
-        with _translate:
-            self.connection.execute(
-                "SELECT pg_replication_slot_advance(%s::name, %s::pg_lsn)", (self.slot_name, format_lsn(lsn))
-            )
 
     def emit_heartbeat(self) -> None:
         """Commit a transaction holding only a heartbeat message, which the slot can advance past."""

@@ -20,7 +20,7 @@ from event_bus.settings import BusSettings
 from kernel.auth import AuthSettings
 from kernel.envelope import StoredEvent
 from tailer import LogTailer
-from tailer.settings import TailerSettings
+from tailer.settings import TailerSettings, TailerTuning
 from tests.fixtures.bus import SECRET, RunningBus, running_bus
 
 PROBLEM = "application/problem+json"
@@ -225,7 +225,7 @@ def test_a_stalled_tailer_sheds_tier_by_tier_and_its_recovery_serves_every_tier(
         TailerSettings(database_url=database, slot_name=slot, stream_name="tagbus-test"),
         None,
         sink=kinesis,
-        status_interval_seconds=0.0,
+        tuning=TailerTuning(status_interval_seconds=0.0),
     )
     stop = threading.Event()
     failures: list[BaseException] = []

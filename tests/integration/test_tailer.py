@@ -38,7 +38,7 @@ from tailer import (
 )
 from tailer.drain import DrainingTailer
 from tailer.pgoutput import format_lsn, parse_lsn
-from tailer.settings import TailerSettings
+from tailer.settings import TailerSettings, TailerTuning
 from tests.fixtures.kinesis import versions_on_stream
 
 # ------------------------------------------------------------------ helpers
@@ -102,10 +102,10 @@ def settings_for(url: str, slot: str, **overrides: Any) -> TailerSettings:
 
 
 def make_tailer(url: str, slot: str, sink: Any = None, kinesis: Any = None, **knobs: Any) -> DrainingTailer:
-    overrides = {k: knobs.pop(k) for k in ("read_batch", "heartbeat_seconds", "poll_interval_seconds") if k in knobs}
-    return DrainingTailer(
-        settings_for(url, slot, **overrides), kinesis, sink=sink, registry=CollectorRegistry(), **knobs
-    )
+    """A tailer of ``slot``; ``knobs`` are settings (the heartbeat, the poll interval) or tuning."""
+    overrides = {k: knobs.pop(k) for k in ("heartbeat_seconds", "poll_interval_seconds") if k in knobs}
+    settings = settings_for(url, slot, **overrides)
+    return DrainingTailer(settings, kinesis, sink=sink, registry=CollectorRegistry(), tuning=TailerTuning(**knobs))
 
 
 def confirmed_flush(url: str, slot: str) -> int:
@@ -273,9 +273,9 @@ def test_a_fast_shutdown_is_not_held_up_by_a_connected_tailer(slot_name: str) ->
 def test_failed_publish_does_not_advance_and_rerun_resends(
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
-    # read_batch=4: each batch stops at the first commit after 4 messages → one transaction per cycle.
+    # max_read_batch=4: each batch stops at the first commit after 4 messages → one transaction per cycle.
     failing = RecordingSink(fail_on_call=3, ack_before_failing=1)
-    tailer = make_tailer(database_url, slot_name, failing, read_batch=4, max_read_batch=4)
+    tailer = make_tailer(database_url, slot_name, failing, max_read_batch=4)
     tailers.append(tailer)
     tailer.try_activate()
     commit_events(database_url, *[[(f"e{i}a", f"s{i}", 1), (f"e{i}b", f"s{i}", 2)] for i in range(5)])
@@ -522,7 +522,7 @@ class PreparingSink(GatedSink):
 
 def backlog_tailer(database_url: str, slot_name: str, sink: PreparingSink, tailers: list[LogTailer]) -> DrainingTailer:
     """A tailer reading two single-event transactions per batch, one batch in flight, over six committed."""
-    tailer = started_tailer(database_url, slot_name, sink, tailers, read_batch=6, max_read_batch=6, in_flight=1)
+    tailer = started_tailer(database_url, slot_name, sink, tailers, max_read_batch=6, in_flight=1)
     commit_events(database_url, *[[(f"{stream}1", stream, 1)] for stream in "abcdef"])
     wait_until_sent(database_url, slot_name)  # so that the first read finds a full batch
     cycle_until(tailer, lambda: len(sink.calls) == 1)

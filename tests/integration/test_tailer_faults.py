@@ -42,7 +42,7 @@ TAILER_SCRIPT = """
 import logging, os, signal, threading
 import boto3
 from botocore.config import Config
-from tailer.settings import TailerSettings
+from tailer.settings import TailerSettings, TailerTuning
 from tailer import run_tailer
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -54,10 +54,9 @@ client = boto3.client(
     aws_access_key_id="local", aws_secret_access_key="local",
     config=Config(connect_timeout=2, read_timeout=10, retries={"mode": "standard", "max_attempts": 2}),
 )
-settings = TailerSettings(
-    database_url=env["FT_DATABASE_URL"], slot_name=env["FT_SLOT"], stream_name=env["FT_STREAM"], read_batch=2000,
-)
-run_tailer(settings, client, stop=stop, metrics_port=int(env["FT_METRICS_PORT"]), publish_backoff_cap_seconds=2.0)
+settings = TailerSettings(database_url=env["FT_DATABASE_URL"], slot_name=env["FT_SLOT"], stream_name=env["FT_STREAM"])
+tuning = TailerTuning(publish_backoff_cap_seconds=2.0)
+run_tailer(settings, client, stop=stop, tuning=tuning, metrics_port=int(env["FT_METRICS_PORT"]))
 """
 
 

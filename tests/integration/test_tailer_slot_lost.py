@@ -25,7 +25,7 @@ from kernel.envelope import StoredEvent
 from tailer import LogTailer, SlotLostError, slot_status
 from tailer.drain import DrainingTailer
 from tailer.recovery import MARKER_INFIX
-from tailer.settings import TailerSettings
+from tailer.settings import TailerSettings, TailerTuning
 
 STREAMS = ("alpha", "beta", "gamma")
 
@@ -111,7 +111,8 @@ class Ledger:
 
 def make_tailer(url: str, slot: str, sink: RecordingSink, registry: CollectorRegistry) -> DrainingTailer:
     settings = TailerSettings(database_url=url, slot_name=slot, stream_name="tagbus-test")
-    return DrainingTailer(settings, None, sink=sink, registry=registry, status_interval_seconds=0.0)
+    tuning = TailerTuning(status_interval_seconds=0.0)
+    return DrainingTailer(settings, None, sink=sink, registry=registry, tuning=tuning)
 
 
 class RunningTailer:
