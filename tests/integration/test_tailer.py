@@ -101,11 +101,28 @@ def settings_for(url: str, slot: str, **overrides: Any) -> TailerSettings:
     return TailerSettings(database_url=url, slot_name=slot, stream_name="tagbus-test", **overrides)
 
 
-def make_tailer(url: str, slot: str, sink: Any = None, kinesis: Any = None, **knobs: Any) -> DrainingTailer:
-    """A tailer of ``slot``; ``knobs`` are settings (the heartbeat, the poll interval) or tuning."""
+def make_tailer(
+    url: str,
+    slot: str,
+    sink: Any = None,
+    kinesis: Any = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    **knobs: Any,
+) -> DrainingTailer:
+    """A tailer of ``slot``, metrics in ``registry``; ``knobs`` are settings (heartbeat, poll interval) or tuning."""
     overrides = {k: knobs.pop(k) for k in ("heartbeat_seconds", "poll_interval_seconds") if k in knobs}
     settings = settings_for(url, slot, **overrides)
-    return DrainingTailer(settings, kinesis, sink=sink, registry=CollectorRegistry(), tuning=TailerTuning(**knobs))
+    return DrainingTailer(
+        settings, kinesis, sink=sink, registry=registry or CollectorRegistry(), tuning=TailerTuning(**knobs)
+    )
+
+
+def sample(registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None) -> float:
+    """A metric's value as Prometheus would scrape it from ``registry``; a sample never exported fails the test."""
+    value = registry.get_sample_value(name, labels)
+    assert value is not None, f"{name}{labels or ''} is not exported"
+    return value
 
 
 def confirmed_flush(url: str, slot: str) -> int:
@@ -137,7 +154,8 @@ def tailers() -> Iterator[list[LogTailer]]:
 
 def test_events_are_published_in_commit_order(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
     sink = RecordingSink()
-    tailer = make_tailer(database_url, slot_name, sink)
+    registry = CollectorRegistry()
+    tailer = make_tailer(database_url, slot_name, sink, registry=registry)
     tailers.append(tailer)
     assert tailer.try_activate()  # creates the slot before any event is written
 
@@ -166,7 +184,7 @@ def test_events_are_published_in_commit_order(database_url: str, slot_name: str,
     assert (first.tenant, first.stream, first.version, first.data) == ("acme", "a", 1, {"n": 1})
     assert first.recorded_at.tzinfo is not None and first.time is not None
     assert tailer.drain().events == 0  # nothing is read twice once acknowledged
-    assert tailer.metrics.events_published._value.get() == 6
+    assert sample(registry, "tagbus_tailer_events_published_total") == 6
 
 
 def test_a_live_cycle_takes_every_transaction_already_received(
@@ -392,10 +410,16 @@ def cycle_until(tailer: LogTailer, condition: Callable[[], bool]) -> None:
 
 
 def started_tailer(
-    database_url: str, slot_name: str, sink: GatedSink, tailers: list[LogTailer], **knobs: Any
+    database_url: str,
+    slot_name: str,
+    sink: GatedSink,
+    tailers: list[LogTailer],
+    *,
+    registry: CollectorRegistry | None = None,
+    **knobs: Any,
 ) -> DrainingTailer:
     """A tailer over ``sink``, closed after the test, active, its stream started and idle."""
-    tailer = make_tailer(database_url, slot_name, sink, **knobs)
+    tailer = make_tailer(database_url, slot_name, sink, registry=registry, **knobs)
     tailers.append(tailer)
     tailer.try_activate()
     tailer.relay_cycle()
@@ -406,7 +430,9 @@ def test_a_batch_of_other_streams_goes_out_while_one_is_in_flight_and_the_slot_w
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
     sink = GatedSink()
-    tailer = started_tailer(database_url, slot_name, sink, tailers, in_flight=3)  # room left: cycles do not wait
+    registry = CollectorRegistry()
+    # Room left in the window: cycles do not wait.
+    tailer = started_tailer(database_url, slot_name, sink, tailers, registry=registry, in_flight=3)
     try:
         start = confirmed_flush(database_url, slot_name)
         commit_events(database_url, [("a1", "a", 1)])
@@ -423,7 +449,7 @@ def test_a_batch_of_other_streams_goes_out_while_one_is_in_flight_and_the_slot_w
         sink.gates[0].set()
         cycle_until(tailer, lambda: confirmed_flush(database_url, slot_name) > start)
         assert sink.calls == [["a1"], ["b1"]]
-        assert tailer.metrics.events_published._value.get() == 2
+        assert sample(registry, "tagbus_tailer_events_published_total") == 2
         assert tailer.drain().events == 0  # both confirmed: nothing is read again
     finally:
         sink.open_all()
@@ -478,7 +504,8 @@ def test_heartbeats_behind_a_batch_in_flight_take_no_place_in_the_window(
     # CI once hung here: each idle cycle queued a marker, the markers filled the window,
     # and the next cycle waited for a batch that the test had not acknowledged yet.
     sink = GatedSink()
-    tailer = started_tailer(database_url, slot_name, sink, tailers, in_flight=2)
+    registry = CollectorRegistry()
+    tailer = started_tailer(database_url, slot_name, sink, tailers, registry=registry, in_flight=2)
     try:
         start = confirmed_flush(database_url, slot_name)
         commit_events(database_url, [("a1", "a", 1)])
@@ -495,7 +522,7 @@ def test_heartbeats_behind_a_batch_in_flight_take_no_place_in_the_window(
         assert confirmed_flush(database_url, slot_name) == start  # a1 still holds the slot back
 
         sink.open_all()
-        cycle_until(tailer, lambda: tailer.metrics.events_published._value.get() == 2)
+        cycle_until(tailer, lambda: sample(registry, "tagbus_tailer_events_published_total") == 2)
         assert tailer.drain().events == 0  # everything confirmed, the heartbeats too
     finally:
         sink.open_all()
@@ -677,13 +704,13 @@ def test_partial_failure_resends_failed_and_later_entries_of_the_same_key() -> N
     client = FakeKinesis(
         lambda call, _: {1: "ProvisionedThroughputExceededException", 4: "InternalFailure"} if call == 0 else None
     )
-    metrics = TailerMetrics(CollectorRegistry())
-    publisher = KinesisPublisher(client, "s", metrics=metrics, wait=no_wait)
+    registry = CollectorRegistry()
+    publisher = KinesisPublisher(client, "s", metrics=TailerMetrics(registry), wait=no_wait)
     publisher.publish(events_for("AABABC"))
     retried = [StoredEvent.from_record_data(r["Data"]).id for r in client.calls[1]]
     assert retried == ["A2", "A3", "B2"]  # A3 succeeded but would sit before A2: resent, in order
     assert all(versions_in_order(accepted) for accepted in client.accepted.values())
-    assert metrics.publish_retries.labels("throttled")._value.get() == 1
+    assert sample(registry, "tagbus_tailer_publish_retries_total", {"reason": "throttled"}) == 1
 
 
 def test_random_partial_failures_keep_every_key_in_version_order() -> None:
@@ -744,12 +771,15 @@ def test_throttling_and_unreachable_endpoints_are_retried_with_backoff() -> None
         waits.append(seconds)
         return False
 
-    metrics = TailerMetrics(CollectorRegistry())
-    publisher = KinesisPublisher(client, "s", metrics=metrics, wait=record_wait, backoff_cap_seconds=1.0)
+    registry = CollectorRegistry()
+    publisher = KinesisPublisher(
+        client, "s", metrics=TailerMetrics(registry), wait=record_wait, backoff_cap_seconds=1.0
+    )
     publisher.publish(events_for("AB"))
     assert len(client.calls) == 4 and len(waits) == 3 and all(0 <= w <= 1.0 for w in waits)
-    assert metrics.publish_retries.labels("throttled")._value.get() == 1
-    assert metrics.publish_retries.labels("endpoint_unavailable")._value.get() == 2
+    retries = "tagbus_tailer_publish_retries_total"
+    assert sample(registry, retries, {"reason": "throttled"}) == 1
+    assert sample(registry, retries, {"reason": "endpoint_unavailable"}) == 2
 
 
 def test_non_retryable_errors_are_raised_as_our_own() -> None:
@@ -834,7 +864,10 @@ def test_the_relay_loop_with_batches_in_flight_keeps_per_stream_order_through_pa
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
     client = OverlapCountingKinesis(throttling_a_quarter(random.Random(5)))
-    tailer = make_tailer(database_url, slot_name, kinesis=client, publish_backoff_cap_seconds=0.001, in_flight=3)
+    registry = CollectorRegistry()
+    tailer = make_tailer(
+        database_url, slot_name, kinesis=client, registry=registry, publish_backoff_cap_seconds=0.001, in_flight=3
+    )
     tailers.append(tailer)
     tailer.try_activate()
     stop = threading.Event()
@@ -852,7 +885,7 @@ def test_the_relay_loop_with_batches_in_flight_keeps_per_stream_order_through_pa
                     versions[stream] += 1
                     insert_event(conn, f"{stream}{versions[stream]}", stream=stream, version=versions[stream])
                     time.sleep(0.002)
-        wait_for(lambda: tailer.metrics.events_published._value.get() == 400, timeout=30)
+        wait_for(lambda: sample(registry, "tagbus_tailer_events_published_total") == 400, timeout=30)
     finally:
         stop.set()
         relay.join(10)
@@ -869,7 +902,10 @@ def test_heartbeat_advances_the_slot_on_an_idle_table(
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
     sink = RecordingSink()
-    tailer = make_tailer(database_url, slot_name, sink, heartbeat_seconds=0.2, poll_interval_seconds=0.02)
+    registry = CollectorRegistry()
+    tailer = make_tailer(
+        database_url, slot_name, sink, registry=registry, heartbeat_seconds=0.2, poll_interval_seconds=0.02
+    )
     tailers.append(tailer)
     tailer.try_activate()
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -889,7 +925,7 @@ def test_heartbeat_advances_the_slot_on_an_idle_table(
         thread.join(10)
     assert not thread.is_alive()
     assert sink.events == []
-    assert tailer.metrics.last_advance_time._value.get() > 0
+    assert sample(registry, "tagbus_tailer_last_advance_timestamp_seconds") > 0
 
 
 def test_heartbeat_only_transactions_are_counted(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
@@ -937,7 +973,8 @@ def test_second_tailer_waits_on_the_lock_and_takes_over(
 
 
 def test_slot_status_and_lag_metric(database_url: str, slot_name: str, tailers: list[LogTailer]) -> None:
-    tailer = make_tailer(database_url, slot_name, RecordingSink(), status_interval_seconds=0.0)
+    registry = CollectorRegistry()
+    tailer = make_tailer(database_url, slot_name, RecordingSink(), registry=registry, status_interval_seconds=0.0)
     tailers.append(tailer)
     with psycopg.connect(database_url) as conn:
         assert slot_status(conn, slot_name) is None
@@ -947,7 +984,7 @@ def test_slot_status_and_lag_metric(database_url: str, slot_name: str, tailers: 
         before = slot_status(conn, slot_name)
     assert before is not None and before.lag_bytes > 0 and before.wal_status == "reserved"
     tailer.drain()
-    assert tailer.metrics.slot_lag_bytes._value.get() == 0
+    assert sample(registry, "tagbus_tailer_slot_lag_bytes") == 0
 
 
 def test_masked_database_url_never_shows_the_password() -> None:
