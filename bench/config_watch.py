@@ -785,42 +785,59 @@ async def _tradeoff(settings: settings_mod.Settings, quick: bool, run: str) -> d
         )
 
 
-def run(quick: bool, *, reports_dir: Path, rows: Sequence[str] = ROWS, start_stack: bool = True) -> dict[str, Any]:
+ROW_TITLES = {
+    "reads": "reads:",
+    "propagation": "propagation:",
+    "scale": "scale of one server process (private server, synthetic source):",
+    "tradeoff": "trade-off, TTL caches against the watch cache:",
+}
+
+
+def run(
+    quick: bool,
+    *,
+    reports_dir: Path,
+    rows: Sequence[str] = ROWS,
+    start_stack: bool = True,
+    merge: bool = False,
+) -> dict[str, Any]:
+    """Measure ``rows`` and write the report; ``merge`` keeps the other rows of the existing report."""
     if start_stack:
         lifecycle.up()
     settings = settings_mod.load()
     assert settings.auth.jwt_secret, "the local stack's JWT secret (.tagbus/env)"
     sizes = QUICK if quick else FULL
     run_id = uuid.uuid4().hex[:6]
-    result: dict[str, Any] = {
-        "quick": quick,
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
-        "sizes": {
-            "reads_seconds": sizes.read_seconds,
-            "propagation_seconds": sizes.propagation_seconds,
-            "propagation_warmup": sizes.propagation_warmup,
-        },
+    previous = reports_dir / "bench-config-watch.json"
+    result: dict[str, Any] = orjson.loads(previous.read_bytes()) if merge and previous.is_file() else {}
+    if result.get("quick", quick) != quick:
+        raise ValueError("--merge into a report of the other mode (quick / full)")
+    result |= {"quick": quick, "host": platform.node(), "cpus": os.cpu_count()}
+    result.setdefault("runs", {})
+    measure: dict[str, Callable[[], Any]] = {
+        "reads": lambda: reads_row(
+            settings, bench_tenants(settings.auth.jwt_secret or "", f"{run_id}read", 1)[0], sizes
+        ),
+        "propagation": lambda: propagation_row(settings, sizes, run_id),
+        "scale": lambda: scale_row(settings, SCALE_QUICK if quick else SCALE_FULL, run_id),
+        "tradeoff": lambda: _tradeoff(settings, quick, run_id),
     }
-    config_pid = _pid(settings, "config")
-    if "reads" in rows:
-        _log("reads:")
-        reader = bench_tenants(settings.auth.jwt_secret, f"{run_id}read", 1)[0]
-        result["reads"] = asyncio.run(reads_row(settings, reader, sizes))
-    if "propagation" in rows:
-        _log("propagation:")
-        result["propagation"] = asyncio.run(propagation_row(settings, sizes, run_id))
-    if "scale" in rows:
-        _log("scale of one server process (private server, synthetic source):")
-        result["scale"] = asyncio.run(scale_row(settings, SCALE_QUICK if quick else SCALE_FULL, run_id))
-    if "tradeoff" in rows:
-        _log("trade-off, TTL caches against the watch cache:")
-        result["tradeoff"] = asyncio.run(_tradeoff(settings, quick, run_id))
-    result["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    result["load_average_at_end"] = os.getloadavg()
-    result["config_server_pids"] = [config_pid, _pid(settings, "config")]
+    for row in ROWS:
+        if row not in rows:
+            continue
+        _log(ROW_TITLES[row])
+        meta: dict[str, Any] = {
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "load_average_at_start": os.getloadavg(),
+        }
+        config_pid = _pid(settings, "config")
+        result[row] = asyncio.run(measure[row]())
+        meta |= {
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "load_average_at_end": os.getloadavg(),
+            "config_server_pids": [config_pid, _pid(settings, "config")],
+        }
+        result["runs"][row] = meta
     _report(result, reports_dir)
     return result
 
@@ -1058,24 +1075,34 @@ def _report(result: dict[str, Any], reports_dir: Path) -> None:
     lines = [
         "# Config delivery (`python -m bench --only config_watch" + (" --quick" if result["quick"] else "") + "`)",
         "",
-        f"{'Quick' if result['quick'] else 'Full'} run, {result['started']} to {result.get('finished', '?')} on "
-        f"{result['cpus']} shared cores (load average at start "
-        f"{', '.join(f'{x:.1f}' for x in result['load_average_at_start'])}, at end "
-        f"{', '.join(f'{x:.1f}' for x in result.get('load_average_at_end', []))}); the local stack's emulators "
-        "(kinesis-mock, DynamoDB Local, moto) stand in for AWS, so ratios matter more than absolute figures.",
+        f"{'Quick' if result['quick'] else 'Full'} run on {result['cpus']} shared cores; the local stack's emulators "
+        "(kinesis-mock, DynamoDB Local, moto) stand in for AWS, so ratios matter more than absolute figures. "
+        "Each row below was measured at (UTC, load average at its start → end):",
         "",
     ]
-    pids = result.get("config_server_pids", [])
+    for row in ROWS:
+        meta = result.get("runs", {}).get(row)
+        if not meta:
+            continue
+        loads = f"{meta['load_average_at_start'][0]:.1f} → {meta['load_average_at_end'][0]:.1f}"
+        pids = meta["config_server_pids"]
+        restarted = (
+            f"; **the shared config server was restarted meanwhile** (pid {pids[0]} → {pids[1]})"
+            if len(set(pids)) > 1
+            else ""
+        )
+        lines.append(f"- {row}: {meta['started']} to {meta['finished']}, load {loads}{restarted}")
+    lines.append("")
     errors = [
         f"{row['watchers']:,} watchers: {row['watch_errors']}"
         for row in result.get("propagation", [])
         if row["watch_errors"]
     ]
-    if len(set(pids)) > 1 or errors:
+    if errors:
         lines += [
-            "**The shared stack was disturbed during this run** (other work on the machine restarted parts or "
-            f"failed streams): config server pid {' → '.join(str(p) for p in pids)}; watch stream errors "
-            f"{'; '.join(errors) or 'none'} (each row's counts cover its watcher set's whole life).",
+            "Watch stream errors during the propagation row (each count covers its watcher set's whole life): "
+            + "; ".join(errors)
+            + ".",
             "",
         ]
     verdicts = _verdicts(result)
@@ -1105,8 +1132,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="run only these rows")
     parser.add_argument("--no-up", action="store_true", help="do not start missing stack parts (tagbus up)")
     parser.add_argument("--reports-dir", type=Path, default=REPO_ROOT / "reports")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other rows of the existing report (re-measure some rows only)"
+    )
     args = parser.parse_args(argv)
-    run(args.quick, reports_dir=args.reports_dir, rows=args.rows, start_stack=not args.no_up)
+    run(args.quick, reports_dir=args.reports_dir, rows=args.rows, start_stack=not args.no_up, merge=args.merge)
     return 0
 
 
