@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -386,6 +386,33 @@ class RawWatch:
             self.position = max(self.position or 0, change.position)
 
 
+def read_to_end(call: Any, timeout: float) -> str:
+    """Read a Watch call until it ends (or a resync); how it ended, or that it had not within ``timeout``."""
+    outcome: list[str] = []
+    read = 0
+
+    def drain() -> None:
+        nonlocal read
+        try:
+            for message in call:
+                read += 1
+                if message.WhichOneof("kind") == "resync":
+                    outcome.append("resync")
+                    return
+            outcome.append("clean end")
+        except grpc.RpcError as e:
+            outcome.append(e.code().name)
+
+    reader = threading.Thread(target=drain, name="read-to-end", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not outcome:
+        call.cancel()
+        reader.join(10)
+        return f"no status within {timeout:.0f} s (after {read} messages)"
+    return f"{outcome[0]} (after {read} messages)"
+
+
 class StalledSse:
     """An SSE watch whose client never reads: a tiny receive buffer, and no ``recv`` until :meth:`drain`."""
 
@@ -582,7 +609,7 @@ async def _fleet_main() -> None:
                             "items": len(c),
                             "attempts": attempts[i],
                             "transitions": transitions[i],
-                            "stats": {k: v for k, v in vars_of(c.stats()).items()},
+                            "stats": vars_of(c.stats()),
                         }
                         for i, c in enumerate(caches)
                     ],
@@ -610,14 +637,6 @@ def histogram(offsets: Sequence[float], width: float) -> dict[float, int]:
     for offset in offsets:
         counts[round((offset // width) * width, 3)] += 1
     return dict(sorted(counts.items()))
-
-
-def pairs(items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-    iterator = iter(items)
-    previous = next(iterator, None)
-    for item in iterator:
-        yield previous, item
-        previous = item
 
 
 if __name__ == "__main__":
