@@ -106,8 +106,8 @@ FULL = Sizes(
     read_keys=100,
     watchers=(1, 100, 1000),
     rates=(100, 1000),
-    propagation_seconds=20,
-    propagation_warmup=3,
+    propagation_seconds=12,
+    propagation_warmup=2,
 )
 QUICK = Sizes(
     read_seconds=2,
