@@ -5,10 +5,10 @@ The last test puts the real tailer behind the bus, with a sink that hangs as Kin
 
 from __future__ import annotations
 
+import functools
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -22,6 +22,7 @@ from kernel.envelope import StoredEvent
 from tailer import LogTailer
 from tailer.settings import TailerSettings, TailerTuning
 from tests.fixtures.bus import SECRET, RunningBus, running_bus
+from tests.fixtures.waiting import wait_for
 
 PROBLEM = "application/problem+json"
 MIB = 1_048_576
@@ -104,12 +105,8 @@ def metric(bus: RunningBus, sample: str) -> float | None:
     return None
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
+#: A wait on the bus's back pressure, which samples the slot's lag on its own schedule.
+wait_until = functools.partial(wait_for, timeout=20.0, interval=0.05)
 
 
 def shedding(bus: RunningBus, tier: str) -> bool:

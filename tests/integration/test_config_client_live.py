@@ -8,6 +8,7 @@ would). The caches are the SDK's own, over real gRPC; nothing here needs the loc
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 import time
@@ -31,6 +32,7 @@ from config_server.settings import ConfigServerSettings
 from config_server.source import ChangeSink
 from kernel.auth import AuthSettings, TokenVerifier, issue_dev_token
 from projections.model import ConfigChange, ConfigKey
+from tests.fixtures.waiting import wait_for, wait_for_async
 
 SECRET = "config-client-live-test-secret-long-enough-for-hs256"
 TAGS = frozenset({"tenantconfig", "paramconfig"})
@@ -84,12 +86,8 @@ def token(tenant: str = "acme", *, scope: str = "config:read", secret: str = SEC
     return issue_dev_token(secret, tenant=tenant, scope=scope, now=time.time())
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+#: A wait on the cache or the server; it polls often, for the changes come within milliseconds.
+wait_until = functools.partial(wait_for, timeout=15.0, interval=0.005)
 
 
 class LiveServer:
@@ -202,9 +200,7 @@ def test_the_async_cache_follows_the_same_server(live: LiveServer) -> None:
         async with AsyncConfigCache(live.target, token=token(), prefixes=[PREFIX]) as cache:
             await cache.wait_ready(15)
             await asyncio.to_thread(live.feed, change("a", 2, 102, "two"), change("b", 1, 103, "bee"))
-            deadline = time.monotonic() + 15
-            while cache.get(PREFIX + "b") is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
+            await wait_for_async(lambda: cache.get(PREFIX + "b") is not None, "b", 15, interval=0.005)
             return values(cache)
 
     assert asyncio.run(scenario()) == {"a": ("two", 2), "b": ("bee", 1)}

@@ -42,6 +42,7 @@ from config_server.source import ChangeSink
 from kernel.auth import AuthSettings, TokenVerifier, issue_dev_token
 from projections.model import ConfigChange, ConfigKey
 from tests.fixtures.jwks import AUDIENCE, ISSUER, SigningKeys, claims, sign
+from tests.fixtures.waiting import wait_for
 
 SECRET = "config-server-test-secret-long-enough-for-hs256"
 OTHER_SECRET = "another-secret-that-is-long-enough-for-hs256"
@@ -99,17 +100,6 @@ def bearer(value: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {value}"),)
 
 
-def eventually(check: Callable[[], T | None], *, timeout: float = 10.0, what: str = "the condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout} s")
-        time.sleep(0.01)
-
-
 @dataclass
 class Running:
     """A config server under test, on its own loop's thread."""
@@ -143,12 +133,12 @@ class Running:
         """Apply changes and wait until the server has them."""
         self.source.apply(*changes)
         top = max(c.position for c in changes)
-        eventually(lambda: self.on_loop(lambda: self.server.state.position) >= top, what=f"position {top}")
+        wait_for(lambda: self.on_loop(lambda: self.server.state.position) >= top, what=f"position {top}")
 
     def start_ready(self, *changes: ConfigChange, lag_ms: int = 0) -> None:
         self.source.load(*changes)
         self.source.caught_up(lag_ms)
-        eventually(lambda: self.on_loop(lambda: self.server.state.ready), what="ready")
+        wait_for(lambda: self.on_loop(lambda: self.server.state.ready), what="ready")
 
 
 @contextmanager
@@ -293,7 +283,7 @@ def test_not_ready_until_the_source_catches_up(config: Running) -> None:
         return bool(status == health_pb2.HealthCheckResponse.SERVING)
 
     for service in ("", SERVICE):
-        assert eventually(functools.partial(serving, service), what=f"{service!r} SERVING")
+        assert wait_for(functools.partial(serving, service), what=f"{service!r} SERVING")
     assert httpx.get(f"{config.http}/readyz").json() == {"status": "ready", "position": 7}
     assert stub.Get(pb.GetRequest(key="tenantconfig:a"), metadata=acme).entry.value_json == '"x"'
 
@@ -349,7 +339,7 @@ def test_watch_sends_a_chunked_snapshot_then_live_changes_of_its_tenant_and_pref
             23,
         )
         call.cancel()
-        eventually(lambda: config.on_loop(lambda: config.server.state.watcher_count() == 0), what="watcher closed")
+        wait_for(lambda: config.on_loop(lambda: config.server.state.watcher_count() == 0), what="watcher closed")
 
 
 def test_snapshot_chunks_stay_small_in_bytes_too() -> None:
@@ -507,7 +497,7 @@ def test_a_watcher_that_stops_reading_is_cut_with_a_resync_and_others_get_everyt
         def feed(position: int, value: str) -> None:
             config.feed(change(f"tenantconfig:k{position % 50}", position, position, value))
             # The fast watcher keeps up (its queue never fills), the slow one does not read.
-            eventually(lambda: received and received[-1] == position, what=f"fast watcher at {position}")
+            wait_for(lambda: received and received[-1] == position, what=f"fast watcher at {position}")
 
         position = 100
         while not config.on_loop(lambda: config.server.stats.cuts["grpc"]):
@@ -543,9 +533,9 @@ def test_a_cut_watcher_that_never_reads_loses_its_stream_after_the_grace_period(
             position += 1
             config.feed(change(f"tenantconfig:k{position % 50}", position, position, BIG))
             assert position < 2_000, "the stuck watcher was never cut"
-        eventually(lambda: config.on_loop(lambda: config.server.stats.interrupted["grpc"]), what="interrupted")
+        wait_for(lambda: config.on_loop(lambda: config.server.stats.interrupted["grpc"]), what="interrupted")
         # Its slot is free again although the client never read.
-        eventually(lambda: config.on_loop(lambda: config.server.stats.open["grpc"]) == 0, what="stream closed")
+        wait_for(lambda: config.on_loop(lambda: config.server.stats.open["grpc"]) == 0, what="stream closed")
         again = watch(stub, token(), "tenantconfig:")
         assert kind(next(again)) == "snapshot"
         again.cancel()
@@ -666,7 +656,7 @@ def test_a_tenant_past_its_stream_limit_is_refused_and_others_are_not() -> None:
         assert next_change(other).position == 3
 
         open_[0].cancel()
-        eventually(lambda: config.on_loop(lambda: config.server.stats.open["grpc"]) == 2, what="slot released")
+        wait_for(lambda: config.on_loop(lambda: config.server.stats.open["grpc"]) == 2, what="slot released")
         again = watch(stub, token("acme"))
         snapshot_of(again)
         for call in (open_[1], other, again):
@@ -815,7 +805,7 @@ def test_an_sse_watcher_that_stops_reading_is_cut_and_its_connection_closed() ->
                 position += 1
                 config.feed(change(f"tenantconfig:k{position % 50}", position, position, BIG))
                 assert position < 2_000, "the stuck watcher was never cut"
-            eventually(lambda: config.on_loop(lambda: config.server.stats.open["sse"]) == 0, what="stream closed")
+            wait_for(lambda: config.on_loop(lambda: config.server.stats.open["sse"]) == 0, what="stream closed")
             assert config.on_loop(lambda: config.server.stats.interrupted["sse"]) == 1
             # The tenant's one stream slot is free again.
             with sse_watch(config, token()) as again:
@@ -941,7 +931,7 @@ def ports_of(lines: queue.Queue[str]) -> tuple[int, int]:
 def test_run_serves_until_sigterm_and_exits_cleanly() -> None:
     with server_process("serve") as (process, lines):
         grpc_port, http_port = ports_of(lines)
-        eventually(lambda: httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200, what="ready")
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200, what="ready")
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status == (

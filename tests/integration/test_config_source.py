@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ from tagbus import aws, compose
 from tagbus import settings as settings_mod
 from tailer import KinesisPublisher
 from tests.fixtures.change_sink import RecordingSink
+from tests.fixtures.waiting import wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -96,12 +98,8 @@ def scanned(router: TagRouter, tenants: set[str]) -> dict[tuple[str, str], Confi
     return {(c.tenant, str(c.key)): c for c in router.scan() if c.tenant in tenants}
 
 
-def wait_until(condition: Callable[[], bool], *, timeout: float, what: str, every: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        threading.Event().wait(every)
+#: A wait on the read models: each check scans them, so it polls gently.
+wait_until = functools.partial(wait_for, interval=0.2)
 
 
 def settled(router: TagRouter, tenant: str, poster: Poster) -> Callable[[], bool]:

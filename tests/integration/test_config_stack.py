@@ -26,6 +26,7 @@ import pytest
 
 from kernel.auth import issue_dev_token
 from tagbus import install, settings, stack
+from tests.fixtures.waiting import wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -364,11 +365,16 @@ def test_a_server_chained_to_the_stack_part_serves_what_is_posted(
     with open(log, "wb") as out:
         server = subprocess.Popen([str(TAGBUS), "config-server"], env=chained, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + DEADLINE
-        while not _ready(f"http://127.0.0.1:{http_port}/readyz"):
+
+        def ready() -> bool:
+            if _ready(f"http://127.0.0.1:{http_port}/readyz"):
+                return True
             assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"chained server not ready: {log.read_text()[-2000:]}"
-            time.sleep(0.2)
+            return False
+
+        wait_for(
+            ready, "the chained server to be ready", DEADLINE, interval=0.2, explain=lambda: log.read_text()[-2000:]
+        )
         posted = post_change(cfg, env, tenant, "tenantconfig:chained/mode", "replica")
         argv = [str(TAGBUS), "config", "watch", "--tenant", tenant, "--prefix", "tenantconfig:chained/", "--since", "0"]
         with running([*argv, "--json"], chained) as stream:

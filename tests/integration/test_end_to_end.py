@@ -24,6 +24,7 @@ from kernel.envelope import CONFIG_SET, StoredEvent
 from tagbus import aws, lifecycle, stack
 from tagbus import settings as settings_mod
 from tailer import KinesisPublisher
+from tests.fixtures.waiting import wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -58,14 +59,21 @@ def _post_config(client: httpx.Client, key: str, value: Any) -> int:
 
 
 def _wait_for(client: httpx.Client, key: str, version: int, timeout: float = VISIBLE_WITHIN) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    last: httpx.Response | None = None
-    while time.monotonic() < deadline:
-        last = client.get(f"/v1/config/{key}")
-        if last.status_code == 200 and last.json()["version"] >= version:
-            return dict(last.json())
-        time.sleep(0.1)
-    raise AssertionError(f"{key} v{version} not visible after {timeout}s; last answer: {last and last.text}")
+    """The config item ``key`` once the bus serves it at ``version`` or later."""
+    last: list[httpx.Response] = []
+
+    def visible() -> dict[str, Any] | None:
+        last[:] = [client.get(f"/v1/config/{key}")]
+        answer = last[0]
+        return dict(answer.json()) if answer.status_code == 200 and answer.json()["version"] >= version else None
+
+    return wait_for(
+        visible,
+        f"{key} v{version} to be visible",
+        timeout,
+        interval=0.1,
+        explain=lambda: f"last answer: {last[0].text if last else None}",
+    )
 
 
 def test_config_reaches_both_read_models(live: settings_mod.Settings) -> None:

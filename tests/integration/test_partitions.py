@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,7 @@ from kernel.envelope import StoredEvent
 from kernel.schema import PUBLICATION
 from tailer import ChangeDecoder, SlotReader
 from tests.fixtures.bus import RunningBus
+from tests.fixtures.waiting import wait_for_async
 from tests.integration.test_analyst import session_as
 
 INSERT = (
@@ -299,21 +299,19 @@ def test_the_keeper_makes_a_missing_month_again_on_its_next_round(database_url: 
         ensure_partitions(conn, 3)
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(ahead.table)))  # empty, months ahead
 
-    async def rounds() -> bool:
+    def made_again() -> bool:
+        with psycopg.connect(database_url) as conn:
+            return conn.execute("SELECT to_regclass(%s)", (ahead.table,)).fetchone() != (None,)
+
+    async def rounds() -> None:
         keeper = PartitionKeeper(database_url, interval=0.05)
         await keeper.start()
         try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                with psycopg.connect(database_url) as conn:
-                    if conn.execute("SELECT to_regclass(%s)", (ahead.table,)).fetchone() != (None,):
-                        return True
-                await asyncio.sleep(0.05)
-            return False
+            await wait_for_async(made_again, f"the keeper to make {ahead.table} again", 10, interval=0.05)
         finally:
             await keeper.stop()
 
-    assert asyncio.run(rounds())
+    asyncio.run(rounds())
 
 
 def test_tagbus_maintain_prints_what_it_did_and_one_line_errors(database_url: str, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from projections.stores.memory import MemoryConfigStore
 from projections.stores.ssm import SSMConfigStore
 from tagbus import aws
 from tagbus import settings as settings_mod
+from tests.fixtures.waiting import wait_for
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -332,7 +333,7 @@ def test_switch_over_while_writes_continue_loses_no_update(database_url: str, mo
                             data={"key": key, "value": versions[key]},
                         )
                     )
-                    time.sleep(0.005)
+                    time.sleep(0.005)  # a steady trickle of writes, not a flood
         except BaseException as e:
             errors.append(e)
         finally:
@@ -359,22 +360,22 @@ def test_switch_over_while_writes_continue_loses_no_update(database_url: str, mo
         except BaseException as e:
             errors.append(e)
 
+    new_table = f"{models.logical}-1"
     threads = [threading.Thread(target=writer), threading.Thread(target=consumer)]
     for t in threads:
         t.start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: tables_written.get(models.logical, 0) > 0 or errors, what="the consumer's first writes")
         summary = ReplayRunner(
             database_url, models.router(), switch_wait=SWITCH_WAIT, drop_after=SWITCH_WAIT + 0.5
         ).run()
-        time.sleep(1.0)
+        wait_for(lambda: tables_written.get(new_table, 0) > 0 or errors, what="the consumer's writes after the switch")
     finally:
         stop.set()
         for t in threads:
             t.join(30)
     assert not errors, errors
 
-    new_table = f"{models.logical}-1"
     assert summary.switches[0].new_table == new_table and summary.switches[0].old_dropped
     # The consumer wrote the old table during the rebuild, and the new one after the switch.
     assert tables_written.get(models.logical, 0) > 0 and tables_written.get(new_table, 0) > 0

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 
 from consumers import daemon
 from tagbus import install, stack
+from tests.fixtures.waiting import wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -163,10 +163,7 @@ def test_spawn_wait_stop_and_stale_pid(toy_part: tuple[stack.StackConfig, stack.
     assert os.getpgid(pid) == pid  # own session, so down can signal the whole group
 
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and stack._alive(pid, spec.marker):
-        time.sleep(0.05)
-    assert not stack._alive(pid, spec.marker)
+    wait_for(lambda: not stack._alive(pid, spec.marker), "the killed part to be gone", 5)
     # The pid file still names the dead process: a stale file stops nothing.
     assert cfg.pid_file("toy").is_file()
     assert stack.stop_part(cfg, spec) is False
@@ -284,15 +281,22 @@ def test_multilang_daemon_consumes_and_checkpoints(
     with open(log, "ab") as handle:
         process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        lines: list[dict[str, str]] = []
-        while time.monotonic() < deadline and process.poll() is None:
+
+        def checkpointed() -> list[dict[str, str]] | None:
             lines = [json.loads(line) for line in out.read_text().splitlines() if line]
             if {"checkpointed": sequence} in lines:
-                break
-            time.sleep(0.2)
-        assert {"data": payload} in lines, f"record not processed; daemon log {log}:\n{log.read_text()[-3000:]}"
-        assert {"checkpointed": sequence} in lines
+                return lines
+            assert process.poll() is None, f"the daemon exited; its log {log}:\n{log.read_text()[-3000:]}"
+            return None
+
+        lines = wait_for(
+            checkpointed,
+            "the record to be processed and checkpointed",
+            120,
+            interval=0.2,
+            explain=lambda: f"daemon log {log}:\n{log.read_text()[-3000:]}",
+        )
+        assert {"data": payload} in lines
         lease = dynamodb.get_item(TableName=_KCL_TEST_APP, Key={"leaseKey": {"S": shard}}, ConsistentRead=True)
         assert lease["Item"]["checkpoint"]["S"] == sequence
     finally:

@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 from consumers.daemon import daemon_processes
 from consumers.worker_lock import WorkerLock
 from tagbus import install, stack
+from tests.fixtures.waiting import wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -58,13 +58,9 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
-            raise AssertionError(f"timed out waiting for {what}\n{tail}")
-        time.sleep(0.1)
+def tail_of(log: Path) -> Callable[[], str]:
+    """The end of ``log``, read when a wait times out."""
+    return lambda: log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +138,9 @@ def test_kill_9_of_a_consumer_leaves_no_daemon_or_processor_and_a_twin_is_refuse
         return bool(jvm and processors)
 
     # A processor runs once the daemon holds the shard's lease.
-    wait_for(daemon_and_processor, "the KCL daemon to start a record processor", 180, log)
+    wait_for(
+        daemon_and_processor, "the KCL daemon to start a record processor", 180, interval=0.1, explain=tail_of(log)
+    )
     tree = {consumer, *jvm, *processors}
     assert set(daemon_processes(private.state / "kcl-run")) == tree - {consumer}
 
@@ -164,7 +162,13 @@ def test_kill_9_of_a_consumer_leaves_no_daemon_or_processor_and_a_twin_is_refuse
     assert [pid for pid in children(consumer) if "MultiLangDaemon" in cmdline(pid)] == jvm
 
     os.kill(consumer, signal.SIGKILL)
-    wait_for(lambda: not any(running(pid) for pid in tree), "the daemon and its processors to die", 30, log)
+    wait_for(
+        lambda: not any(running(pid) for pid in tree),
+        "the daemon and its processors to die",
+        30,
+        interval=0.1,
+        explain=tail_of(log),
+    )
     assert daemon_processes(private.state / "kcl-run") == []
     assert not stack.stop_part(private, spec, timeout=5.0)  # nothing left for `tagbus down` to stop
     with WorkerLock(private.run_dir, WORKER) as lock:  # the worker id is free again

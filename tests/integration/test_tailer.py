@@ -40,6 +40,7 @@ from tailer.drain import DrainingTailer
 from tailer.pgoutput import format_lsn, parse_lsn
 from tailer.settings import TailerSettings, TailerTuning
 from tests.fixtures.kinesis import versions_on_stream
+from tests.fixtures.waiting import wait_for
 
 # ------------------------------------------------------------------ helpers
 
@@ -132,14 +133,6 @@ def confirmed_flush(url: str, slot: str) -> int:
     return status.confirmed_flush_lsn
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def tailers() -> Iterator[list[LogTailer]]:
     """Tailers to close after the test, so their sessions let go of slots and locks."""
@@ -202,8 +195,9 @@ def test_a_live_cycle_takes_every_transaction_already_received(
     with psycopg.connect(database_url, autocommit=True) as conn:
         for n in range(20):
             insert_event(conn, f"t{n}", stream="burst", version=n + 1)
-            time.sleep(0.01)  # the walsender catches up (and sends its keepalive) between commits
-    time.sleep(0.5)  # everything is on the replication connection
+            # The walsender catches up (and sends its keepalive) between commits; after the
+            # last one, everything is on the replication connection.
+            wait_until_sent(database_url, slot_name)
 
     result = tailer.relay_cycle()
 
@@ -272,11 +266,9 @@ def test_a_fast_shutdown_is_not_held_up_by_a_connected_tailer(slot_name: str) ->
             # position moves past the last event the tailer confirmed.
             conn.execute("CREATE TABLE skipped (n int)")
             conn.execute("INSERT INTO skipped SELECT generate_series(1, 1000)")
-        time.sleep(0.5)
-        started = time.monotonic()
-        # Fails (pg_ctl gives up after 20 s) while the walsender waits for a confirmation.
+        wait_until_sent(cluster.url, slot_name)
+        # Raises (pg_ctl gives up after 20 s) while the walsender waits for a confirmation.
         cluster._run("pg_ctl", "-D", str(cluster.datadir), "-m", "fast", "-w", "-t", "20", "stop")
-        assert time.monotonic() - started < 20
     finally:
         stop.set()
         thread.join(15)
@@ -384,6 +376,8 @@ class GatedSink:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.gates: list[threading.Event] = []
+        #: Publishes that returned: acknowledged, as far as the tailer can tell.
+        self.returned = 0
         self._lock = threading.Lock()
         self._all_open = False
 
@@ -396,6 +390,8 @@ class GatedSink:
                 gate.set()
         if not gate.wait(10):
             raise TimeoutError("the test never opened this publish's gate")
+        with self._lock:
+            self.returned += 1
 
     def open_all(self) -> None:
         """Open every gate, and those of later publishes too."""
@@ -441,8 +437,11 @@ def test_a_batch_of_other_streams_goes_out_while_one_is_in_flight_and_the_slot_w
         cycle_until(tailer, lambda: len(sink.calls) == 2)  # published while a1 is unacknowledged
 
         sink.gates[1].set()  # the later batch is acknowledged first
+        wait_for(lambda: sink.returned == 1, what="b1's publish to return")
         for _ in range(10):
             tailer.relay_cycle()
+        # The server applies a confirmation in its own time, and nothing tells when it did not
+        # get one: time is let pass for a wrong one to show.
         time.sleep(0.3)
         assert confirmed_flush(database_url, slot_name) == start  # never past a1, which is still in flight
 
@@ -464,8 +463,10 @@ def test_a_batch_sharing_a_stream_with_one_in_flight_waits_for_it(
         commit_events(database_url, [("a1", "a", 1), ("x1", "x", 1)])
         cycle_until(tailer, lambda: len(sink.calls) == 1)
         commit_events(database_url, [("y1", "y", 1), ("a2", "a", 2)])
+        wait_until_sent(database_url, slot_name)  # so that the cycle reads y1 and a2
         cycle = threading.Thread(target=tailer.relay_cycle)
         cycle.start()
+        # A publish that does not happen has no event to wait on: time is let pass for one to show.
         time.sleep(0.5)
         assert sink.calls == [["a1", "x1"]]  # stream a's version 2 must not race version 1
         sink.gates[0].set()
@@ -485,8 +486,10 @@ def test_a_full_window_waits_for_the_oldest_batch(database_url: str, slot_name: 
             commit_events(database_url, [(f"{stream}1", stream, 1)])
             if n < 2:
                 cycle_until(tailer, lambda n=n: len(sink.calls) == n + 1)
+        wait_until_sent(database_url, slot_name)  # so that the cycle reads c1
         cycle = threading.Thread(target=tailer.relay_cycle)
         cycle.start()
+        # A publish that does not happen has no event to wait on: time is let pass for one to show.
         time.sleep(0.5)
         assert len(sink.calls) == 2  # two in flight: the third batch waits
         sink.gates[0].set()
@@ -579,6 +582,7 @@ def test_a_backlog_prepares_the_next_batch_while_one_is_in_flight_and_sends_it_a
         cycle = threading.Thread(target=tailer.relay_cycle)
         cycle.start()
         wait_for(lambda: len(sink.prepared) == 2)
+        # A send that does not happen has no event to wait on: time is let pass for one to show.
         time.sleep(0.3)
         assert sink.prepared == [["a1", "b1"], ["c1", "d1"]]  # read and prepared meanwhile ...
         assert sink.calls == [["a1", "b1"]]  # ... but not sent before the batch in flight is acknowledged
@@ -852,7 +856,7 @@ class OverlapCountingKinesis(FakeKinesis):
             self._running += 1
             self.most_at_once = max(self.most_at_once, self._running)
         try:
-            time.sleep(0.02)
+            time.sleep(0.02)  # a call's latency, so that calls from several publisher threads overlap
             with self._lock:  # the script's random draws and the call count stay consistent
                 return super().put_records(Records=Records, StreamName=StreamName)
         finally:
@@ -958,6 +962,8 @@ def test_second_tailer_waits_on_the_lock_and_takes_over(
     thread.start()
     try:
         commit_events(database_url, [("w1", "w", 1)])
+        # A takeover that does not happen has no event to wait on: the second tailer retries the
+        # lock every 0.1 s, and is given a few tries to show that it cannot take it.
         time.sleep(0.5)
         assert second_sink.events == [] and not second.active
         first.drain()

@@ -26,6 +26,7 @@ from tailer import LogTailer, SlotLostError, slot_status
 from tailer.drain import DrainingTailer
 from tailer.recovery import MARKER_INFIX
 from tailer.settings import TailerSettings, TailerTuning
+from tests.fixtures import waiting
 
 STREAMS = ("alpha", "beta", "gamma")
 
@@ -140,13 +141,16 @@ class RunningTailer:
 def wait_for(
     condition: Callable[[], bool], what: str, running: RunningTailer | None = None, timeout: float = 60
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
+    """:func:`tests.fixtures.waiting.wait_for` that fails at once if the ``running`` tailer failed."""
+
+    def holds() -> bool:
+        if condition():
+            return True
         if running is not None and running.failure:
             raise AssertionError(f"the tailer failed while waiting for {what}") from running.failure[0]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        return False
+
+    waiting.wait_for(holds, what, timeout, interval=0.05)
 
 
 def slot_row(url: str, slot: str) -> tuple[str | None, int | None] | None:
@@ -187,19 +191,19 @@ def invalidate(url: str, slot: str) -> None:
 def drop_while_streaming(url: str, slot: str) -> None:
     """Terminate the slot's walsender and drop the slot before the tailer takes it again."""
     with psycopg.connect(url, autocommit=True) as conn:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def dropped() -> bool:
             conn.execute(
                 "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s",
                 (slot,),
             )
             try:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                return
             except psycopg.errors.ObjectInUse:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+                return False  # the tailer took the slot again first
+            return True
+
+        waiting.wait_for(dropped, f"slot {slot} dropped between the tailer's reconnections", 30, interval=0.01)
 
 
 def assert_delivered_in_order(deliveries: Sequence[StoredEvent], ledger: Ledger) -> None:

@@ -37,6 +37,7 @@ from producers.client import TagbusClient, new_event
 from tagbus import install, lifecycle, stack
 from tagbus.compose import build_router
 from tagbus.settings import Settings
+from tests.fixtures import waiting
 from tests.reliability.ledger import LedgerReport, LoadDriver, check, enterprise_token
 
 MODE_VARIABLE = "TAGBUS_RELIABILITY"
@@ -126,14 +127,9 @@ def processor_pids() -> list[int]:
     return [] if daemon is None else [p for p in children(daemon) if "tagbus.processor" in cmdline(p)]
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> float:
-    """Poll until ``predicate()``; the seconds it took. AssertionError naming ``what`` on timeout."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout:.0f}s")
-        time.sleep(interval)
-    return time.monotonic() - started
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> bool:
+    """:func:`tests.fixtures.waiting.wait_for`, polling the stack's parts at a gentler pace by default."""
+    return waiting.wait_for(predicate, what, timeout, interval=interval)
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -203,6 +199,7 @@ def paused(part: str) -> Iterator[None]:
 
 
 def pause_part(part: str, seconds: float) -> None:
+    """Hang ``part`` for ``seconds``: the outage's length is the fault itself."""
     with paused(part):
         time.sleep(seconds)
 
@@ -293,6 +290,7 @@ def run_fault(
     probe = Probe(settings)
     recoveries: list[float] = []
     try:
+        # Not synchronisation: the faults strike a load that has run for a while, at random moments.
         time.sleep(lead_in)
         for _ in range(times):
             time.sleep(random.uniform(*gap))
@@ -301,7 +299,7 @@ def run_fault(
             inject()
             ended = time.monotonic()
             recoveries.append(probe.seconds_until_through(began if recovery_from_start else ended))
-        time.sleep(1.0)
+        time.sleep(1.0)  # the load goes on past the recovery, so the ledger holds events sent after it
     finally:
         driver.stop()
         probe.close()

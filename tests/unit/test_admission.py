@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 from devtools.ports import free_port
 from event_bus.admission import Admission, InFlightLimit
 from tests.fixtures.bus import serve
+from tests.fixtures.waiting import wait_for_async
 
 PROBLEM = "application/problem+json"
 
@@ -44,6 +45,7 @@ class HeldApp:
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] == "/hold":
             self.held.release()
+            # A slow endpoint, until the test's thread lets it answer.
             while not self.release.is_set():
                 await asyncio.sleep(0.01)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
@@ -124,8 +126,10 @@ def test_the_middleware_refuses_what_reaches_the_app_past_the_limit() -> None:
     admission = Admission(1, exempt=("/metrics",), on_shed=lambda: shed.append(1))
     entered = asyncio.Event()
     release = asyncio.Event()
+    reached: list[str] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(scope["path"])
         entered.set()
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -150,7 +154,7 @@ def test_the_middleware_refuses_what_reaches_the_app_past_the_limit() -> None:
         await entered.wait()
         refused = await call("/v1/events")
         exempt = asyncio.create_task(call("/metrics"))
-        await asyncio.sleep(0.01)
+        await wait_for_async(lambda: "/metrics" in reached, "the exempt request to reach the app")
         in_flight = admission.in_flight
         release.set()
         return await first, refused, await exempt, in_flight

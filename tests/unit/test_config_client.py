@@ -9,13 +9,13 @@ messages). Every scenario runs against both caches: the threaded one and the asy
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import queue
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from config_client import (
     WatchRejected,
 )
 from config_client._state import Replica
+from tests.fixtures.waiting import wait_for, wait_for_async
 
 PREFIX = "tenantconfig:"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -302,12 +303,8 @@ def make_cache(request: pytest.FixtureRequest, server: ScriptedServer) -> Iterat
             cache.close()
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
+#: A wait on the cache, which follows the scripted server within milliseconds: it polls often.
+wait_until = functools.partial(wait_for, interval=0.002)
 
 
 def values(cache: Any) -> dict[str, Any]:
@@ -722,13 +719,12 @@ def test_the_async_cache_awaits_a_coroutine_callback(server: ScriptedServer) -> 
 
     async def scenario() -> None:
         async def on_change(event: ChangeEvent) -> None:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a callback that really suspends: only an awaited one gets past it
             seen.append(event.version)
 
         async with AsyncConfigCache(server.target, token="t", prefixes=[PREFIX], on_change=on_change) as cache:
             await cache.wait_ready(10)
-            while cache.position != 11:
-                await asyncio.sleep(0.002)
+            await wait_for_async(lambda: cache.position == 11, "position 11", interval=0.002)
             assert cache.get(PREFIX + "a").value == 2
 
     asyncio.run(scenario())

@@ -8,13 +8,13 @@ a child reading its stdin, as the MultiLangDaemon starts record processors.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ import pytest
 from consumers.daemon import RUN_DIR_VARIABLE, DaemonSettings, daemon_processes, run_daemon
 from consumers.worker_lock import WorkerIdTaken, WorkerLock, lock_path
 from tagbus import stack
+from tests.fixtures.waiting import wait_for
 
 WORKER = "tagbus-test-worker@host"
 
@@ -58,12 +59,8 @@ def running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+#: A wait on processes starting or dying, which may take a while on a busy machine.
+wait_until = functools.partial(wait_for, timeout=15.0)
 
 
 @pytest.fixture
@@ -76,7 +73,7 @@ def consumer(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     process = subprocess.Popen([sys.executable, "-c", CONSUMER, str(tmp_path), str(java)], env=env)
     try:
-        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, "the fake daemon and its processor")
+        wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, "the fake daemon and its processor")
         daemon, processor = (int(p) for p in pids.read_text().split())
         yield process, daemon, processor
     finally:
@@ -94,8 +91,8 @@ def test_kill_9_of_the_consumer_takes_its_daemon_and_processor_with_it(
     process.send_signal(signal.SIGKILL)
     process.wait()
     # The daemon by its parent-death signal; the processor by end-of-file on its stdin.
-    wait_for(lambda: not running(daemon), "the daemon to die with its consumer")
-    wait_for(lambda: not running(processor), "the processor to die with its daemon")
+    wait_until(lambda: not running(daemon), "the daemon to die with its consumer")
+    wait_until(lambda: not running(processor), "the processor to die with its daemon")
     assert daemon_processes(tmp_path / "run") == []
 
 
@@ -148,13 +145,13 @@ def test_down_stops_daemons_an_older_run_left_behind(tmp_path: Path) -> None:
     )
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
     try:
-        wait_for(lambda: len(daemon_processes(run_dir)) == 3, "the orphan, its child and the marked process")
+        wait_until(lambda: len(daemon_processes(run_dir)) == 3, "the orphan, its child and the marked process")
         found = daemon_processes(run_dir)
         assert orphan.pid in found and marked.pid in found and other.pid not in found
 
         spec = stack.part_specs(config)["consumer"]
         assert stack.stop_part(config, spec, timeout=5.0)  # no pid file: only strays to stop
-        wait_for(lambda: not any(running(pid) for pid in found), "the strays to stop")
+        wait_until(lambda: not any(running(pid) for pid in found), "the strays to stop")
         assert running(other.pid)
         assert not stack.stop_part(config, spec, timeout=5.0)
     finally:

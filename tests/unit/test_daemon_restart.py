@@ -6,10 +6,10 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 from consumers.daemon import DaemonSettings, run_daemon
+from tests.fixtures.waiting import wait_for
 
 
 def _fake_java(tmp_path: Path, body: str) -> Path:
@@ -49,22 +49,22 @@ def test_a_crash_loop_gives_up_with_the_exit_code(tmp_path: Path) -> None:
 
 def test_a_stop_signal_is_forwarded_and_not_followed_by_a_restart(tmp_path: Path) -> None:
     # The fake daemon exits 143 on SIGTERM (as the JVM does); that exit must not be restarted.
+    # Left alone it would exit 0 after 30 s: a 143 shows the signal was passed on.
+    armed = tmp_path / "armed"
     java = _fake_java(
         tmp_path,
-        "import signal\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\ntime.sleep(30)\nsys.exit(0)\n",
+        "import signal\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+        f"pathlib.Path({str(armed)!r}).touch()\ntime.sleep(30)\nsys.exit(0)\n",
     )
     runs = tmp_path / "runs"
-    timer = threading.Thread(
-        target=lambda: (
-            [time.sleep(0.05) for _ in range(200) if not runs.exists()],
-            time.sleep(0.2),
-            os.kill(os.getpid(), signal.SIGTERM),
-        )
-    )
+
+    def stop_once_armed() -> None:
+        wait_for(armed.exists, "the fake daemon to handle SIGTERM", 20)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Thread(target=stop_once_armed)
     timer.start()
-    started = time.monotonic()
     code = run_daemon(_settings(), jars_dir=tmp_path, workdir=tmp_path / "run", java=str(java), restart_delay=0)
     timer.join()
     assert code == 143
     assert runs.read_text() == "1"
-    assert time.monotonic() - started < 20

@@ -36,6 +36,7 @@ from projections.stores.dynamodb import DynamoDBConfigStore
 from projections.stores.memory import MemoryConfigStore
 from projections.stores.ssm import SSMConfigStore
 from tagbus.compose import tag_router
+from tests.fixtures.waiting import wait_for
 
 SAMPLES = Path(__file__).parent.parent / "fixtures" / "sample_events"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -372,26 +373,19 @@ class GatedStore(MemoryConfigStore):
         return super().apply(changes)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def test_pipelined_batches_queued_behind_a_write_are_applied_together_then_checkpointed() -> None:
     store = GatedStore(1, 3)
     h = Harness(TagRouter({"tenantconfig": store}), pipelined=True)
     checkpointer = FakeCheckpointer()
     h.deliver([event_data("acme", "tenantconfig:a", 1, "a1")], checkpointer, start=1)
-    wait_until(lambda: len(store.calls) == 1)  # being written, held at the gate
+    wait_for(lambda: len(store.calls) == 1)  # being written, held at the gate
     h.deliver([event_data("acme", "tenantconfig:a", 2, "a2"), event_data("acme", "tenantconfig:b", 1, "b1")],
               checkpointer, start=2)  # fmt: skip
     h.deliver([event_data("acme", "tenantconfig:a", 3, "a3")], checkpointer, start=4)
     assert checkpointer.calls == [] and h.value("acme", "tenantconfig:a") is None  # nothing applied yet
 
     store.gates[1].set()
-    wait_until(lambda: h.processor.applied_through == (f"4959{4:020d}", 0))
+    wait_for(lambda: h.processor.applied_through == (f"4959{4:020d}", 0))
     assert h.value("acme", "tenantconfig:a") == ("a3", 3)
     # The two queued batches went out as one write, a's two versions coalesced to the last.
     assert store.calls == [[("a", 1)], [("a", 3), ("b", 1)]]
@@ -404,6 +398,7 @@ def test_pipelined_batches_queued_behind_a_write_are_applied_together_then_check
         target=lambda: message({"action": "shutdownRequested"}).dispatch(checkpointer, h.processor)
     )
     shutdown.start()
+    # A checkpoint that does not happen has no event to wait on: time is let pass for one to show.
     time.sleep(0.1)
     assert checkpointer.calls == [(f"4959{4:020d}", 0)]  # shutdown waits for c's write
     store.gates[3].set()
@@ -435,7 +430,7 @@ def test_pipelined_lease_lost_drops_the_batches_not_started() -> None:
     h = Harness(TagRouter({"tenantconfig": store}), pipelined=True)
     checkpointer = FakeCheckpointer()
     h.deliver([event_data("acme", "tenantconfig:a", 1, "a1")], checkpointer, start=1)
-    wait_until(lambda: len(store.calls) == 1)
+    wait_for(lambda: len(store.calls) == 1)
     h.deliver([event_data("acme", "tenantconfig:a", 2, "a2")], checkpointer, start=2)
     message({"action": "leaseLost"}).dispatch(None, h.processor)
     store.gates[1].set()
