@@ -1,14 +1,14 @@
 """Lag-aware back pressure through a real bus: a replication slot that nothing confirms, on a
 private PostgreSQL cluster, makes the bus refuse writes tier by tier (basic first, enterprise
 last) with ``503`` + ``Retry-After``; once the slot is advanced, every tier is served again.
-The last test puts the real tailer behind the bus, with a sink that hangs as Kinesis would."""
+The last test puts the real tailer and its Kinesis publisher behind the bus, on a fake Kinesis that hangs."""
 
 from __future__ import annotations
 
 import functools
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,10 +18,10 @@ import pytest
 from devtools.postgres_cluster import ClusterUnavailableError, TemporaryCluster, cloned_database, create_template
 from event_bus.settings import BusSettings
 from kernel.auth import AuthSettings
-from kernel.envelope import StoredEvent
 from tailer import LogTailer
 from tailer.settings import TailerSettings, TailerTuning
 from tests.fixtures.bus import SECRET, RunningBus, running_bus
+from tests.fixtures.kinesis import FakeKinesis
 from tests.fixtures.waiting import wait_for
 
 PROBLEM = "application/problem+json"
@@ -195,33 +195,12 @@ def test_a_missing_slot_sheds_nothing(database: str) -> None:
         assert post(bus, "basic").status_code == 201
 
 
-class HangingKinesis:
-    """A sink that acknowledges at once while up and hangs while down, as a stalled stream does."""
-
-    def __init__(self) -> None:
-        self.up = threading.Event()
-        self.up.set()
-        self._lock = threading.Lock()
-        self._ids: set[str] = set()
-
-    def publish(self, batch: Sequence[StoredEvent]) -> None:
-        if not self.up.wait(60):
-            raise RuntimeError("the test left the sink down")
-        with self._lock:
-            self._ids.update(event.id for event in batch)
-
-    def ids(self) -> set[str]:
-        with self._lock:
-            return set(self._ids)
-
-
 def test_a_stalled_tailer_sheds_tier_by_tier_and_its_recovery_serves_every_tier(database: str) -> None:
     slot = f"tagbus_bp_{uuid.uuid4().hex[:10]}"
-    kinesis = HangingKinesis()
+    kinesis = FakeKinesis()  # answers at once while available, hangs while not, as a stalled stream does
     tailer = LogTailer(
         TailerSettings(database_url=database, slot_name=slot, stream_name="tagbus-test"),
-        None,
-        sink=kinesis,
+        kinesis,
         tuning=TailerTuning(status_interval_seconds=0.0),
     )
     stop = threading.Event()
@@ -238,6 +217,9 @@ def test_a_stalled_tailer_sheds_tier_by_tier_and_its_recovery_serves_every_tier(
     accepted: set[str] = set()
     refused: set[str] = set()
 
+    def published() -> set[str]:
+        return {e.id for e in kinesis.events()}
+
     def send(bus: RunningBus, tier: str) -> httpx.Response:
         body = event()
         with bus.client(f"acme-{tier}", tier=tier) as client:
@@ -250,9 +232,9 @@ def test_a_stalled_tailer_sheds_tier_by_tier_and_its_recovery_serves_every_tier(
         # Enterprise shed once unpublished WAL is 10 s old, basic from 5 s.
         with running_bus(settings(database, slot, backpressure_freshness_seconds=10.0)) as bus:
             assert send(bus, "basic").status_code == 201
-            wait_until(lambda: accepted <= kinesis.ids(), "the tailer to publish")
+            wait_until(lambda: accepted <= published(), "the tailer to publish")
 
-            kinesis.up.clear()  # Kinesis hangs: the slot stops moving
+            kinesis.available.clear()  # Kinesis hangs: the slot stops moving
             assert send(bus, "enterprise").status_code == 201
             wait_until(lambda: shedding(bus, "basic"), "basic to be shed")
             assert_refused(send(bus, "basic"), "basic")
@@ -260,14 +242,14 @@ def test_a_stalled_tailer_sheds_tier_by_tier_and_its_recovery_serves_every_tier(
             wait_until(lambda: shedding(bus, "enterprise"), "enterprise to be shed")
             assert_refused(send(bus, "enterprise"), "enterprise")
 
-            kinesis.up.set()  # Kinesis is back: the tailer publishes and confirms the backlog
+            kinesis.available.set()  # Kinesis is back: the tailer publishes and confirms the backlog
             wait_until(lambda: not shedding(bus, "basic"), "every tier to be served again")
             assert send(bus, "basic").status_code == 201
             assert send(bus, "enterprise").status_code == 201
-            wait_until(lambda: accepted <= kinesis.ids(), "the tailer to publish what was accepted")
+            wait_until(lambda: accepted <= published(), "the tailer to publish what was accepted")
         assert not failures, failures
     finally:
-        kinesis.up.set()
+        kinesis.available.set()
         stop.set()
         thread.join(30)
         assert not thread.is_alive(), "the tailer did not stop"
@@ -275,7 +257,7 @@ def test_a_stalled_tailer_sheds_tier_by_tier_and_its_recovery_serves_every_tier(
             conn.execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (slot,)
             )
-    assert not refused & kinesis.ids()  # a refused event was never written, so never published
+    assert not refused & published()  # a refused event was never written, so never published
     assert len(accepted) == 5 and len(refused) == 2
 
 

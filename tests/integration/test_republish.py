@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,7 +23,7 @@ from tailer import KinesisPublisher, TailerMetrics
 from tailer.drain import DrainingTailer
 from tailer.republish import republish
 from tailer.settings import TailerSettings
-from tests.fixtures.kinesis import versions_on_stream
+from tests.fixtures.kinesis import FakeKinesis, in_version_order, throttling, versions_on_stream
 
 # Start of the current month: the events table is partitioned by month, and migrations make
 # partitions from the current month on (older months exist only where rows were copied).
@@ -71,43 +71,6 @@ class RecordingSink:
         self.batches.append(list(batch))
 
 
-class FlakyKinesis:
-    """put_records double: random per-entry throttling; records each key's accepted versions in shard order."""
-
-    def __init__(self, seed: int, failure_rate: float) -> None:
-        self._rng = random.Random(seed)
-        self._rate = failure_rate
-        self.calls: list[int] = []
-        self.accepted: dict[str, list[int]] = defaultdict(list)
-
-    def put_records(self, *, Records: list[dict[str, Any]], StreamName: str) -> Mapping[str, Any]:
-        self.calls.append(len(Records))
-        results: list[dict[str, Any]] = []
-        failed = 0
-        for record in Records:
-            if self._rng.random() < self._rate:
-                failed += 1
-                results.append({"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "injected"})
-            else:
-                event = StoredEvent.from_record_data(record["Data"])
-                self.accepted[record["PartitionKey"]].append(event.version)
-                results.append({"SequenceNumber": "1", "ShardId": "shardId-000000000000"})
-        return {"FailedRecordCount": failed, "Records": results}
-
-
-def in_version_order(accepted: list[int]) -> bool:
-    """Versions 1..n appear, in order, as a subsequence of what the shard accepted.
-
-    A failed entry is resent with every later entry of its key, so a later version that got
-    through on the first try is followed by the whole run again, in order.
-    """
-    wanted = 1
-    for version in accepted:
-        if version == wanted:
-            wanted += 1
-    return wanted - 1 == max(accepted)
-
-
 def test_range_starts_per_stream_at_the_first_version_since(database_url: str) -> None:
     since = T0 + timedelta(hours=1)
     with psycopg.connect(database_url) as conn:
@@ -152,13 +115,13 @@ def test_partial_failures_keep_each_stream_in_version_order(database_url: str) -
             stream = rng.choice(streams)
             versions[stream] += 1
             insert(conn, f"e{n}", stream, versions[stream], T0 + timedelta(seconds=rng.randint(0, 100)))
-    client = FlakyKinesis(seed=3, failure_rate=0.2)
+    client = FakeKinesis(throttling(random.Random(3), 0.2))
     publisher = KinesisPublisher(client, "s", metrics=TailerMetrics(CollectorRegistry()), wait=lambda _: False)
     summary = republish(database_url, publisher, tenant="acme", since=T0)
     assert summary.events == 1_400
-    assert max(client.calls) <= 500
+    assert max(len(call) for call in client.calls) <= 500
     for stream, count in versions.items():
-        accepted = client.accepted[f"acme/{stream}"]
+        accepted = client.accepted_versions(f"acme/{stream}")
         assert set(accepted) == set(range(1, count + 1))
         assert in_version_order(accepted)
 

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import botocore.exceptions
@@ -39,7 +39,7 @@ from tailer import (
 from tailer.drain import DrainingTailer
 from tailer.pgoutput import format_lsn, parse_lsn
 from tailer.settings import TailerSettings, TailerTuning
-from tests.fixtures.kinesis import versions_on_stream
+from tests.fixtures.kinesis import FakeKinesis, in_version_order, throttling, versions_on_stream
 from tests.fixtures.waiting import wait_for
 
 # ------------------------------------------------------------------ helpers
@@ -625,46 +625,9 @@ def test_a_batch_read_ahead_is_read_again_when_the_batch_before_it_fails(
 # ------------------------------------------------------------------ Kinesis partial failures
 
 
-class FakeKinesis:
-    """A put_records double: scripted per-call failures; records what each key's shard accepted."""
-
-    def __init__(self, script: Callable[[int, list[dict[str, Any]]], Any] | None = None) -> None:
-        self.calls: list[list[dict[str, Any]]] = []
-        self.accepted: dict[str, list[bytes]] = defaultdict(list)
-        self._script = script
-
-    def put_records(self, *, Records: list[dict[str, Any]], StreamName: str) -> Mapping[str, Any]:
-        call = len(self.calls)
-        self.calls.append(Records)
-        outcome = self._script(call, Records) if self._script else None
-        if isinstance(outcome, BaseException):
-            raise outcome
-        failed_codes: dict[int, str] = outcome or {}
-        results: list[dict[str, Any]] = []
-        for index, record in enumerate(Records):
-            if index in failed_codes:
-                results.append({"ErrorCode": failed_codes[index], "ErrorMessage": "injected"})
-            else:
-                self.accepted[record["PartitionKey"]].append(record["Data"])
-                results.append({"SequenceNumber": str(index), "ShardId": "shardId-000000000000"})
-        return {"FailedRecordCount": len(failed_codes), "Records": results}
-
-
-def throttling_a_quarter(rng: random.Random) -> Callable[[int, list[dict[str, Any]]], dict[int, str]]:
-    """A FakeKinesis script refusing each record with probability 1/4, as throttled."""
-    return lambda call, records: {
-        i: "ProvisionedThroughputExceededException" for i in range(len(records)) if rng.random() < 0.25
-    }
-
-
-def versions_in_order(accepted: list[bytes]) -> bool:
-    """The key's versions 1..n appear, in order, as a subsequence of what the shard accepted."""
-    versions = [StoredEvent.from_record_data(data).version for data in accepted]
-    wanted = 1
-    for version in versions:
-        if version == wanted:
-            wanted += 1
-    return wanted - 1 == max(versions)
+def every_key_in_order(client: FakeKinesis) -> bool:
+    """Each partition key's versions 1..n reached its shard in order (resent runs aside)."""
+    return all(in_version_order(client.accepted_versions(key)) for key in client.accepted)
 
 
 def events_for(keys: str) -> list[StoredEvent]:
@@ -713,7 +676,7 @@ def test_partial_failure_resends_failed_and_later_entries_of_the_same_key() -> N
     publisher.publish(events_for("AABABC"))
     retried = [StoredEvent.from_record_data(r["Data"]).id for r in client.calls[1]]
     assert retried == ["A2", "A3", "B2"]  # A3 succeeded but would sit before A2: resent, in order
-    assert all(versions_in_order(accepted) for accepted in client.accepted.values())
+    assert every_key_in_order(client)
     assert sample(registry, "tagbus_tailer_publish_retries_total", {"reason": "throttled"}) == 1
 
 
@@ -729,7 +692,7 @@ def test_random_partial_failures_keep_every_key_in_version_order() -> None:
     keys = "".join(rng.choice("ABCDEFG") for _ in range(1_200))
     KinesisPublisher(client, "s", metrics=TailerMetrics(CollectorRegistry()), wait=no_wait).publish(events_for(keys))
     assert all(len(call) <= 500 for call in client.calls)
-    assert all(versions_in_order(accepted) for accepted in client.accepted.values())
+    assert every_key_in_order(client)
     distinct = {key.split("/")[1]: len(set(accepted)) for key, accepted in client.accepted.items()}
     assert distinct == {k: keys.count(k) for k in set(keys)}
 
@@ -823,7 +786,7 @@ def test_tailer_with_partial_failures_keeps_per_stream_order(
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
     rng = random.Random(11)
-    client = FakeKinesis(throttling_a_quarter(rng))
+    client = FakeKinesis(throttling(rng, 0.25))
     tailer = make_tailer(database_url, slot_name, kinesis=client, publish_backoff_cap_seconds=0.001)
     tailers.append(tailer)
     tailer.try_activate()
@@ -839,35 +802,14 @@ def test_tailer_with_partial_failures_keeps_per_stream_order(
     commit_events(database_url, *batches)
     tailer.drain()
     assert set(client.accepted) == {f"acme/{s}" for s in versions}
-    assert all(versions_in_order(accepted) for accepted in client.accepted.values())
-
-
-class OverlapCountingKinesis(FakeKinesis):
-    """A FakeKinesis whose calls take 20 ms and which notes how many ran at once."""
-
-    def __init__(self, script: Callable[[int, list[dict[str, Any]]], Any]) -> None:
-        super().__init__(script)
-        self.most_at_once = 0
-        self._running = 0
-        self._lock = threading.Lock()
-
-    def put_records(self, *, Records: list[dict[str, Any]], StreamName: str) -> Mapping[str, Any]:
-        with self._lock:
-            self._running += 1
-            self.most_at_once = max(self.most_at_once, self._running)
-        try:
-            time.sleep(0.02)  # a call's latency, so that calls from several publisher threads overlap
-            with self._lock:  # the script's random draws and the call count stay consistent
-                return super().put_records(Records=Records, StreamName=StreamName)
-        finally:
-            with self._lock:
-                self._running -= 1
+    assert every_key_in_order(client)
 
 
 def test_the_relay_loop_with_batches_in_flight_keeps_per_stream_order_through_partial_failures(
     database_url: str, slot_name: str, tailers: list[LogTailer]
 ) -> None:
-    client = OverlapCountingKinesis(throttling_a_quarter(random.Random(5)))
+    # Calls take 20 ms, so that calls from several publisher threads overlap.
+    client = FakeKinesis(throttling(random.Random(5), 0.25), latency=0.02)
     registry = CollectorRegistry()
     tailer = make_tailer(
         database_url, slot_name, kinesis=client, registry=registry, publish_backoff_cap_seconds=0.001, in_flight=3
@@ -895,7 +837,7 @@ def test_the_relay_loop_with_batches_in_flight_keeps_per_stream_order_through_pa
         relay.join(10)
     assert client.most_at_once > 1  # batches really overlapped
     assert set(client.accepted) == {f"acme/{s}" for s in versions}
-    assert all(versions_in_order(accepted) for accepted in client.accepted.values())
+    assert every_key_in_order(client)
     assert tailer.drain().events == 0  # the slot was confirmed past everything acknowledged
 
 

@@ -1,6 +1,6 @@
 """The Kinesis change source without emulators: checkpoints, start positions, de-aggregation,
 and the failures kinesis-mock cannot produce on demand (expired iterators, throttling, an
-unreachable endpoint, resharding while running), against a small in-process fake of Kinesis.
+unreachable endpoint, resharding while running), against the in-process ``tests.fixtures.kinesis.FakeKinesis``.
 
 The source runs in the test's thread on a fake clock: its ``stop`` event is a
 :class:`SteppingStop` whose ``wait`` advances the clock at once, so pacing and backoff are
@@ -43,6 +43,7 @@ from kernel.retry import Backoff, Jitter
 from projections.errors import StoreUnavailable
 from projections.model import ConfigChange
 from tests.fixtures.change_sink import RecordingSink
+from tests.fixtures.kinesis import FakeKinesis
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 STREAM = "tagbus-events"
@@ -127,111 +128,6 @@ def client_error(code: str, operation: str, status: int = 400) -> ClientError:
     return ClientError(response, operation)
 
 
-@dataclass
-class FakeShard:
-    shard_id: str
-    parents: tuple[str, ...] = ()
-    records: list[dict[str, Any]] = field(default_factory=list)
-    closed: bool = False
-    children: list[str] = field(default_factory=list)
-
-
-class FakeKinesis:
-    """Shards of records in memory; ``faults`` are raised by the next matching call."""
-
-    def __init__(self, clock: FakeClock, journal: list[tuple[Any, ...]]) -> None:
-        self.clock = clock
-        self.journal = journal
-        self.shards: dict[str, FakeShard] = {}
-        self.faults: list[tuple[str, str | None, Exception]] = []
-        self._sequence = 0
-
-    def add_shard(self, shard_id: str, parents: tuple[str, ...] = ()) -> FakeShard:
-        self.shards[shard_id] = FakeShard(shard_id, parents)
-        return self.shards[shard_id]
-
-    def put(self, shard_id: str, data: bytes) -> str:
-        self._sequence += 1
-        sequence = f"{self._sequence:056d}"
-        self.shards[shard_id].records.append({"SequenceNumber": sequence, "Data": data, "arrived": self.clock.now})
-        return sequence
-
-    def put_event(self, shard_id: str, e: StoredEvent) -> str:
-        return self.put(shard_id, e.to_record_data())
-
-    def split(self, shard_id: str, children: tuple[str, ...]) -> None:
-        self.shards[shard_id].closed = True
-        self.shards[shard_id].children = list(children)
-        for child in children:
-            self.add_shard(child, (shard_id,))
-
-    def _fault(self, operation: str, shard_id: str | None) -> None:
-        for index, (op, target, error) in enumerate(self.faults):
-            if op == operation and target in (None, shard_id):
-                del self.faults[index]
-                raise error
-
-    # boto3's Kinesis methods, as far as the source uses them
-
-    def list_shards(self, **request: Any) -> dict[str, Any]:
-        self.journal.append(("ListShards", self.clock.now))
-        self._fault("ListShards", None)
-        listing = []
-        for shard in self.shards.values():
-            entry: dict[str, Any] = {"ShardId": shard.shard_id, "SequenceNumberRange": {"StartingSequenceNumber": "0"}}
-            if shard.parents:
-                entry["ParentShardId"] = shard.parents[0]
-            if len(shard.parents) > 1:
-                entry["AdjacentParentShardId"] = shard.parents[1]
-            if shard.closed:
-                entry["SequenceNumberRange"]["EndingSequenceNumber"] = "9" * 56
-            listing.append(entry)
-        return {"Shards": listing}
-
-    def get_shard_iterator(
-        self, *, StreamName: str, ShardId: str, ShardIteratorType: str, StartingSequenceNumber: str | None = None
-    ) -> dict[str, Any]:
-        self.journal.append(("GetShardIterator", self.clock.now, ShardId, ShardIteratorType, StartingSequenceNumber))
-        self._fault("GetShardIterator", ShardId)
-        records = self.shards[ShardId].records
-        if ShardIteratorType == "TRIM_HORIZON":
-            index = 0
-        elif ShardIteratorType == "AT_SEQUENCE_NUMBER":
-            assert StartingSequenceNumber is not None
-            index = next(
-                (i for i, r in enumerate(records) if r["SequenceNumber"] >= StartingSequenceNumber), len(records)
-            )
-        elif ShardIteratorType == "AFTER_SEQUENCE_NUMBER":
-            assert StartingSequenceNumber is not None
-            index = next(
-                (i for i, r in enumerate(records) if r["SequenceNumber"] > StartingSequenceNumber), len(records)
-            )
-        else:
-            raise AssertionError(f"the source never asks for {ShardIteratorType}")
-        return {"ShardIterator": f"{ShardId}|{index}"}
-
-    def get_records(self, *, ShardIterator: str, Limit: int) -> dict[str, Any]:
-        shard_id, index_text = ShardIterator.split("|")
-        self.journal.append(("GetRecords", self.clock.now, shard_id))
-        self._fault("GetRecords", shard_id)
-        shard = self.shards[shard_id]
-        index = int(index_text)
-        page = shard.records[index : index + Limit]
-        end = index + len(page)
-        behind = 0
-        if end < len(shard.records):
-            behind = int((self.clock.now - shard.records[end]["arrived"]) * 1000) + 1
-        response: dict[str, Any] = {
-            "Records": [{k: v for k, v in r.items() if k != "arrived"} for r in page],
-            "MillisBehindLatest": behind,
-        }
-        if shard.closed and end == len(shard.records):
-            response["ChildShards"] = [{"ShardId": c, "ParentShards": [shard_id]} for c in shard.children]
-        else:
-            response["NextShardIterator"] = f"{shard_id}|{end}"
-        return response
-
-
 class FakeLeases:
     """The KCL lease table's ``Scan``, two items a page."""
 
@@ -280,7 +176,7 @@ class Harness:
     kinesis: FakeKinesis = field(init=False)
 
     def __post_init__(self) -> None:
-        self.kinesis = FakeKinesis(self.clock, self.journal)
+        self.kinesis = FakeKinesis(now=lambda: self.clock.now, journal=self.journal)
 
     def source(self, **options: Any) -> KinesisChangeSource:
         options.setdefault("backoff", Backoff(base=0.5, cap=8.0, jitter=Jitter.NONE))
