@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import threading
 import time
 import uuid
@@ -23,6 +22,7 @@ import orjson
 import pytest
 from amazon_kclpy import dispatch
 from amazon_kclpy.kcl import CheckpointError, KCLProcess
+from moto import mock_aws
 
 from consumers.deadletters import DeadLetter, DynamoDBDeadLetterSink, MemoryDeadLetterSink
 from consumers.processor import EXIT_HALTED, ConfigProjectionProcessor
@@ -36,6 +36,7 @@ from projections.stores.dynamodb import DynamoDBConfigStore
 from projections.stores.memory import MemoryConfigStore
 from projections.stores.ssm import SSMConfigStore
 from tagbus.compose import tag_router
+from tests.fixtures.in_process_aws import in_process
 from tests.fixtures.waiting import wait_for
 
 SAMPLES = Path(__file__).parent.parent / "fixtures" / "sample_events"
@@ -469,17 +470,10 @@ def test_tag_router_registers_both_tags() -> None:
     assert isinstance(router.store_for("paramconfig"), SSMConfigStore)
 
 
+@mock_aws
 def test_dynamodb_dead_letter_sink_round_trips() -> None:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_DYNAMODB")
-    if not endpoint:
-        pytest.skip("AWS_ENDPOINT_URL_DYNAMODB is not set: no DynamoDB endpoint for the dead-letter table")
-    client = boto3.client(
-        "dynamodb",
-        endpoint_url=endpoint,
-        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
-        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
-    )
+    # On moto's in-process DynamoDB; tests/integration/test_dlq.py uses the sink on DynamoDB Local.
+    client = boto3.client("dynamodb", **in_process("dynamodb"))
     sink = DynamoDBDeadLetterSink(client, table_name=f"tagbus-deadletters-test-{uuid.uuid4().hex[:8]}")
     sink.ensure_table()
     sink.ensure_table()
