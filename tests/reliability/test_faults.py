@@ -15,6 +15,7 @@ import pytest
 from tagbus import aws, lifecycle, stack
 from tagbus import settings as settings_mod
 from tailer import run_tailer
+from tailer.settings import TailerTuning
 from tests.reliability import faults
 from tests.reliability.faults import FaultResult, Mode, run_fault
 from tests.reliability.report import Results
@@ -97,7 +98,7 @@ def test_kinesis_throttling_under_load(live_stack: settings_mod.Settings, mode: 
     relay = threading.Thread(
         target=run_tailer,
         args=(live_stack.tailer(), throttling),
-        kwargs={"stop": stop, "metrics_port": None, "aggregate": True},
+        kwargs={"stop": stop, "metrics_port": None, "tuning": TailerTuning(aggregate=True)},
     )
     relay.start()
     throttled_for = max(5.0, mode.outage_seconds)
