@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from kernel.retry import Backoff, Jitter
 from projections.errors import ChangeRejected, ProjectionError, StoreError, StoreMisconfigured
 from projections.model import ConfigChange, ConfigItem, ConfigKey
 from projections.stores.base import ApplyResult, ChangeResult, ConfigPage, GenerationSwitch, Outcome
@@ -508,10 +508,10 @@ class DynamoDBConfigStore:
         Only safe into a table nobody else writes yet (a replay's fresh generation): there is
         no version condition. Changes must have distinct keys. ``bulk_write`` picks the
         request: ``"transact"`` (default) sends ``TransactWriteItems`` of 100 puts, which
-        DynamoDB Local commits as one storage transaction (5-10× the items/s of
-        ``BatchWriteItem`` there; on real DynamoDB it costs two write units an item, a few
-        cents per 10,000 keys rebuilt); ``"batch"`` sends ``BatchWriteItem`` of 25, half the
-        write units, with ``UnprocessedItems`` sent again. Throttling backs off exponentially.
+        DynamoDB Local commits as one storage transaction (many times the items/s of
+        ``BatchWriteItem`` there, see ``docs/read-models.md``; on real DynamoDB it costs two
+        write units an item); ``"batch"`` sends ``BatchWriteItem`` of 25, half the write
+        units, with ``UnprocessedItems`` sent again. Throttling backs off exponentially.
         Raises :class:`ChangeRejected` for a value that cannot be stored and
         :class:`StoreError` when the table keeps refusing.
         """
@@ -524,6 +524,7 @@ class DynamoDBConfigStore:
                 raise ChangeRejected(
                     f"value of {change.key} is not serializable: {e}", store=_STORE, operation=operation
                 ) from e
+        backoff = Backoff(base_delay, max_delay, Jitter.EQUAL)
         size = self.bulk_request_size
         for start in range(0, len(items), size):
             pending = items[start : start + size]
@@ -545,8 +546,7 @@ class DynamoDBConfigStore:
                             store=_STORE,
                             operation=operation,
                         )
-                delay = min(max_delay, base_delay * 2 ** (attempt - 1))
-                sleep(random.uniform(delay / 2, delay))
+                sleep(backoff.delay(attempt))
         return len(items)
 
     def _bulk_request(

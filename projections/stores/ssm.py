@@ -39,7 +39,6 @@ from __future__ import annotations
 import builtins
 import functools
 import logging
-import random
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from kernel.retry import Backoff, Jitter
 from projections.errors import ChangeRejected, ProjectionError, StoreError, StoreThrottled
 from projections.model import ConfigChange, ConfigItem, ConfigKey
 from projections.stores.base import ApplyResult, ChangeResult, ConfigPage, Outcome
@@ -146,8 +146,7 @@ class SSMConfigStore:
         self.root = root
         self.tier: Tier = tier
         self._max_attempts = max_attempts
-        self._base_delay = base_delay
-        self._max_delay = max_delay
+        self._backoff = Backoff(base_delay, max_delay, Jitter.EQUAL)
         self._sleep = sleep
         self._pool = ThreadPoolExecutor(write_concurrency, thread_name_prefix="ssm")
 
@@ -193,8 +192,7 @@ class SSMConfigStore:
                 return e
 
         # GetParameters takes ten names: a large batch's reads are independent and run
-        # concurrently too (a 200-key batch's 20 reads took 236 ms one after another on moto,
-        # about a quarter of the batch; 75 ms concurrently).
+        # concurrently too (one after another, they were a sizeable share of a batch's time).
         chunks = [names[start : start + _GET_BATCH] for start in range(0, len(names), _GET_BATCH)]
         for chunk, found in zip(chunks, self._pool.map(read, chunks), strict=True):
             if isinstance(found, ProjectionError):
@@ -279,8 +277,7 @@ class SSMConfigStore:
                 error = translate(e, store=_STORE, operation=operation)
                 if not isinstance(error, StoreThrottled) or attempt >= self._max_attempts:
                     raise error from e
-            delay = min(self._max_delay, self._base_delay * 2 ** (attempt - 1))
-            self._sleep(random.uniform(delay / 2, delay))
+            self._sleep(self._backoff.delay(attempt))
 
     # -- reads -------------------------------------------------------------------------
 

@@ -14,9 +14,10 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from projections.errors import ChangeRejected, StoreMisconfigured, StoreThrottled, StoreUnavailable
+from projections.errors import ChangeRejected, StoreError, StoreMisconfigured, StoreThrottled, StoreUnavailable
 from projections.stores.base import Outcome
 from projections.stores.botocore_errors import translate
+from projections.stores.dynamodb import DynamoDBConfigStore
 from projections.stores.memory import MemoryConfigStore
 from projections.stores.ssm import SSMConfigStore
 from tests.fixtures.in_process_aws import in_process
@@ -132,3 +133,41 @@ def test_botocore_errors_are_translated_by_code(code: str, status: int, expected
     translated = translate(error, store="dynamodb", operation="PutItem")
     assert type(translated) is expected
     assert translated.code == code
+
+
+class _UnprocessingDynamoDB:
+    """A DynamoDB client double whose ``BatchWriteItem`` leaves one item unprocessed ``n`` times."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.requests: list[int] = []
+        self.written: list[dict[str, Any]] = []
+
+    def batch_write_item(self, **request: Any) -> dict[str, Any]:
+        [(table, puts)] = request["RequestItems"].items()
+        self.requests.append(len(puts))
+        if len(self.requests) <= self.n:
+            self.written += [p["PutRequest"]["Item"] for p in puts[1:]]
+            return {"UnprocessedItems": {table: puts[:1]}}
+        self.written += [p["PutRequest"]["Item"] for p in puts]
+        return {"UnprocessedItems": {}}
+
+
+def test_dynamodb_bulk_put_sends_unprocessed_items_again_backing_off() -> None:
+    client = _UnprocessingDynamoDB(n=2)
+    store = DynamoDBConfigStore(client, alias_table=None, bulk_write="batch")  # type: ignore[arg-type]
+    sleeps: list[float] = []
+    changes = [change("t", f"tenantconfig:k{i}", 1, i) for i in range(3)]
+    assert store.bulk_put(changes, table="fresh", base_delay=0.1, max_delay=0.15, sleep=sleeps.append) == 3
+    assert client.requests == [3, 1, 1] and len(client.written) == 3
+    # equal jitter: each pause lies in the upper half of its (capped, doubling) ceiling
+    assert 0.05 <= sleeps[0] <= 0.1 and 0.075 <= sleeps[1] <= 0.15
+
+
+def test_dynamodb_bulk_put_gives_up_after_its_attempts() -> None:
+    client = _UnprocessingDynamoDB(n=100)
+    store = DynamoDBConfigStore(client, alias_table=None, bulk_write="batch")  # type: ignore[arg-type]
+    sleeps: list[float] = []
+    with pytest.raises(StoreError, match="unprocessed after 3 BatchWriteItem attempts"):
+        store.bulk_put([change("t", "tenantconfig:k", 1, "v")], table="fresh", max_attempts=3, sleep=sleeps.append)
+    assert len(client.requests) == 3 and len(sleeps) == 2
