@@ -149,8 +149,8 @@ def worker_id(env: Mapping[str, str]) -> str:
 
     A stable id lets a restarted consumer carry on with the leases it held at once; a random
     one (the KCL default) waits until the old leases expire and the leader hands them out
-    again, which took about a minute with KCL 3.1.3. Two consumers on one host need
-    different ids (:func:`run_daemon` refuses a second one).
+    again. Two consumers on one host need different ids (:func:`run_daemon` refuses a
+    second one).
     """
     return env.get("TAGBUS_CONSUMER_WORKER_ID") or f"{application_name(env)}@{socket.gethostname()}"
 

@@ -32,13 +32,13 @@ versions it already holds.
 ``process_records`` queues the batch and returns, so the KCL polls and delivers the next
 batch while this one is written, and batches that arrive meanwhile are applied together
 (each key written once). Without it a batch slower to write than the poll interval left the
-next ones aging in the KCL's three-deep prefetch queue: with SSM on moto (~850 ms for a
-200-key batch) records waited 2-4 s there. The guarantees stay: one writer per shard,
-batches applied in order, a checkpoint only at the last record of a batch applied with
-everything before it (taken on a later ``process_records`` call, the only time the
-checkpointer may be used, or after draining the queue at shutdown and shard end), and a
-failed batch halts the process — at once, from the writer thread (``halt``), since the
-KCL's thread may be waiting for a batch that never comes.
+next ones aging in the KCL's three-deep prefetch queue (with SSM on moto, for several poll
+intervals). The guarantees stay: one writer per shard, batches applied in order, a
+checkpoint only at the last record of a batch applied with everything before it (taken on a
+later ``process_records`` call, the only time the checkpointer may be used, or after
+draining the queue at shutdown and shard end), and a failed batch halts the process — at
+once, from the writer thread (``halt``), since the KCL's thread may be waiting for a batch
+that never comes.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ log = logging.getLogger(__name__)
 #: Exit status of a halted processor (distinct from Python's 1 for a crash).
 EXIT_HALTED = 3
 #: Seconds between checkpoints of the production processor. Each checkpoint is a DynamoDB
-#: round trip (10-130 ms measured on DynamoDB Local under load) that the next batch waits
-#: for; at most this much is delivered again after a crash, and the stores ignore it.
+#: round trip, slow under load, that the next batch waits for; at most this much is
+#: delivered again after a crash, and the stores ignore it.
 CHECKPOINT_INTERVAL = 1.0
 
 

@@ -9,8 +9,8 @@ statement each, in psycopg's pipeline mode; a stale ``expectedversion`` simply i
 
 Ids are not looked up first: a repeated id (a producer's retry) fails the COPY on
 ``event_keys``' unique index, and the group is written again after one look-up of its ids,
-which answers the repeats from their stored rows. On 500-event batches the look-up cost the
-database about 12 µs per event, a third of its work per event, to find nothing almost always.
+which answers the repeats from their stored rows. Done first, the look-up was a large share of
+the database's work per event and almost always found nothing (``docs/benchmarks.md``).
 
 What can still abort that second attempt — a concurrent repeat of the same id committed by
 another group in between, or a deadlock — sends each of its requests down the

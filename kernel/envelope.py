@@ -45,9 +45,8 @@ _KNOWN_ATTRIBUTES = frozenset(
 
 
 # Not frozen, though no code changes one once built: the tailer builds one per decoded row,
-# and a frozen dataclass's __init__ (object.__setattr__ per field) cost 2.1 µs of the
-# tailer's ~14 µs per event against 0.25 µs; its decode ran 62k → 77k events/s in
-# alternating rounds. Treat it as immutable (it is not hashable).
+# and a frozen dataclass's __init__ (object.__setattr__ per field) was a large share of its
+# decode time (``docs/benchmarks.md``, Tailer). Treat it as immutable (it is not hashable).
 @dataclass(slots=True)
 class StoredEvent:
     """One committed event, as read back from the events table or a Kinesis record."""

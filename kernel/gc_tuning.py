@@ -6,12 +6,11 @@ container objects, and every tenth of those also scans the middle generation. A 
 answering thousands of requests a second allocates that many objects in a fraction of a
 millisecond, so it collected hundreds of times a second, and the occasional full collection
 walked every object the process had (the app, its routes and models, pydantic's schemas):
-a pause of tens of milliseconds that every request in progress waited out.
+a pause that every request in progress waited out.
 
-Measured on the bus (uvicorn, one worker, 64 wrk connections posting single events, four
-alternating rounds of 10 s each): p99 55.4 → 15.1 ms and 6,136 → 7,480 events/s with
-:func:`quiet_collector` against the defaults. The thresholds alone gave most of it (p99
-13.5 ms in two rounds against 12.9 ms with the freeze too).
+On the bus, :func:`quiet_collector` cut the p99 of single events sharply and raised their
+throughput against the defaults (``docs/benchmarks.md``, Ingest). The thresholds alone give
+most of it; the freeze adds a little.
 
 Cycles are still collected, only in larger steps: garbage that lives in cycles waits up to
 ``YOUNG`` allocations instead of 700 before it is found. Memory stays bounded (the soak of
