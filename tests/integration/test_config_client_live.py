@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,39 +28,15 @@ from config_client import (
 )
 from config_server.server import ConfigServer
 from config_server.settings import ConfigServerSettings
-from config_server.source import ChangeSink
 from kernel.auth import AuthSettings, TokenVerifier, issue_dev_token
 from projections.model import ConfigChange, ConfigKey
+from tests.fixtures.feed_source import FeedSource
 from tests.fixtures.waiting import wait_for, wait_for_async
 
 SECRET = "config-client-live-test-secret-long-enough-for-hs256"
 TAGS = frozenset({"tenantconfig", "paramconfig"})
 AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 PREFIX = "tenantconfig:"
-
-
-class FeedSource:
-    """A change source the test drives; every call reaches the sink from the source's thread."""
-
-    def __init__(self) -> None:
-        self._calls: queue.Queue[Callable[[ChangeSink], None]] = queue.Queue()
-
-    def run(self, sink: ChangeSink, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                call = self._calls.get(timeout=0.02)
-            except queue.Empty:
-                continue
-            call(sink)
-
-    def load(self, *changes: ConfigChange) -> None:
-        self._calls.put(lambda sink: sink.load(list(changes)))
-
-    def apply(self, *changes: ConfigChange) -> None:
-        self._calls.put(lambda sink: sink.apply(list(changes)))
-
-    def caught_up(self) -> None:
-        self._calls.put(lambda sink: sink.caught_up(lag_ms=0))
 
 
 def change(key: str, version: int, position: int, value: Any = "v", *, tenant: str = "acme") -> ConfigChange:

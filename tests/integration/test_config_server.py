@@ -38,9 +38,9 @@ from config_api.v1 import config_pb2 as pb
 from config_api.v1 import config_pb2_grpc as pb_grpc
 from config_server.server import ConfigServer
 from config_server.settings import ConfigServerSettings
-from config_server.source import ChangeSink
 from kernel.auth import AuthSettings, TokenVerifier, issue_dev_token
 from projections.model import ConfigChange, ConfigKey
+from tests.fixtures.feed_source import FeedSource
 from tests.fixtures.jwks import AUDIENCE, ISSUER, SigningKeys, claims, sign
 from tests.fixtures.waiting import wait_for
 
@@ -52,30 +52,6 @@ AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SERVICE = "tagbus.config.v1.ConfigService"
 T = TypeVar("T")
 _ROOT = Path(__file__).resolve().parents[2]
-
-
-class FeedSource:
-    """A change source driven by the test; each call reaches the sink from the source's own thread."""
-
-    def __init__(self) -> None:
-        self._calls: queue.Queue[Callable[[ChangeSink], None]] = queue.Queue()
-
-    def run(self, sink: ChangeSink, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                call = self._calls.get(timeout=0.02)
-            except queue.Empty:
-                continue
-            call(sink)
-
-    def load(self, *changes: ConfigChange) -> None:
-        self._calls.put(lambda sink: sink.load(list(changes)))
-
-    def apply(self, *changes: ConfigChange) -> None:
-        self._calls.put(lambda sink: sink.apply(list(changes)))
-
-    def caught_up(self, lag_ms: int = 0) -> None:
-        self._calls.put(lambda sink: sink.caught_up(lag_ms=lag_ms))
 
 
 def change(
