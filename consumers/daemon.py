@@ -183,6 +183,9 @@ def render_properties(settings: DaemonSettings, *, executable: str | None = None
         "disableWorkerMetrics": "true",
         "cleanupLeasesUponShardCompletion": "true",
         "validateSequenceNumberBeforeCheckpointing": "true",
+        # Idle shards get empty calls, in which the processor takes the checkpoint its interval
+        # held back: without them the last records of a burst stay unconfirmed until the next.
+        "callProcessRecordsEvenForEmptyRecordList": "true",
     }
     if settings.kinesis_endpoint:
         props["kinesisEndpoint"] = settings.kinesis_endpoint

@@ -267,6 +267,8 @@ class BatchRecordProcessor(RecordProcessorBase, metaclass=abc.ABCMeta):  # type:
         self._wall = wall
         self._last_checkpoint = float("-inf")
         self._checkpointed: tuple[str, int | None] | None = None
+        #: The last record applied, with everything before it (without the pipelined applier).
+        self._last_applied: KinesisRecord | None = None
         self._halt = halt
         self._applier = (
             _Applier(self._apply_records, max_pending_records=max_pending_records, on_failure=self._applier_failed)
@@ -295,14 +297,21 @@ class BatchRecordProcessor(RecordProcessorBase, metaclass=abc.ABCMeta):  # type:
 
     def process_records(self, process_records_input: Any) -> None:
         records: Sequence[KinesisRecord] = process_records_input.records
+        checkpointer: Checkpointer = process_records_input.checkpointer
         if not records:
+            # The daemon calls with no records while the shard is idle
+            # (callProcessRecordsEvenForEmptyRecordList): the time to take a checkpoint the
+            # interval held back, so that an idle shard's checkpoint reaches its last record.
+            through = self._applier.applied_through() if self._applier is not None else self._last_applied
+            if through is not None:
+                self._maybe_checkpoint(checkpointer, through)
             return
         received = self._wall()
         mbl = float(getattr(process_records_input, "millis_behind_latest", 0) or 0)
-        checkpointer: Checkpointer = process_records_input.checkpointer
         applier = self._applier
         if applier is None:
             self._halt_on_error(lambda: self._apply_records(records, received, mbl))
+            self._last_applied = records[-1]
             self._maybe_checkpoint(checkpointer, records[-1])
             return
         self._halt_on_error(lambda: applier.submit(records, received, mbl))

@@ -297,6 +297,50 @@ def consumer() -> None:
         raise CliError(f"the MultiLangDaemon exited with {code}")
 
 
+@app.command()
+def keeper() -> None:
+    """Keep the local stack running in the foreground: restart parts that die, renew the stream."""
+    import logging
+    import signal
+    import threading
+
+    from tagbus import stack
+    from tagbus.keeper import Keeper, KeeperSettings
+
+    s = _settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    try:
+        settings = KeeperSettings.from_env(s.environ)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    Keeper(stack.StackConfig.from_env(), s, settings).run(stop)
+
+
+@app.command("rotate-stream")
+def rotate_stream(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the consumer to reach the end.")] = 300.0,
+) -> None:
+    """Replace the local stack's Kinesis stream by an empty one, once the consumer has read all of it."""
+    from tagbus import generations, stack
+
+    s = _settings()
+    try:
+        generation = generations.rotate(
+            stack.StackConfig.from_env(),
+            s,
+            drain_timeout=timeout,
+            progress=lambda message: err.print(message, highlight=False),
+        )
+    except generations.RenewalError as e:
+        raise CliError(str(e)) from e
+    since = generation.since.isoformat() if generation.since else "the beginning"
+    out.print(f"stream {s.stream_name} renewed; its events were recorded from {since} on", highlight=False)
+
+
 @app.command("config-server")
 def config_server() -> None:
     """Run the config server (gRPC ConfigService, Server-Sent Events) in the foreground."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import psycopg
@@ -9,7 +10,7 @@ from alembic import command
 from alembic.config import Config
 
 from event_bus import partitions
-from tagbus import aws, stack
+from tagbus import aws, generations, stack, stack_lock
 from tagbus.settings import REPO, Settings, load
 from tailer import SlotReader
 
@@ -59,30 +60,34 @@ def _forget_checkpoints_of_reset_streams(cfg: stack.StackConfig, settings: Setti
     mark = cfg.state / "kinesis-data" / stack.KINESIS_RESET_MARK
     if not mark.exists() or stack.status(cfg)["consumer"].running:
         return
-    from consumers.daemon import APPLICATION_NAME
-
-    dynamodb = aws.client(settings, "dynamodb")
-    try:
-        for table in dynamodb.list_tables()["TableNames"]:
-            if table == APPLICATION_NAME or table.startswith(f"{APPLICATION_NAME}-"):
-                dynamodb.delete_table(TableName=table)
-                dynamodb.get_waiter("table_not_exists").wait(TableName=table, WaiterConfig={"Delay": 1})
-    finally:
-        dynamodb.close()
+    generations.forget_checkpoints(settings)
     mark.unlink()
 
 
 def up(config: stack.StackConfig | None = None, parts: Sequence[str] | None = None) -> dict[str, stack.PartStatus]:
-    """Start what is not running; schema and tables are brought up to date before the apps start."""
+    """Start what is not running; schema and tables are brought up to date before the apps start.
+
+    When kinesis-mock was found dead (it saves only every few minutes), the stream is renewed
+    and what it may have lost is republished before the apps start
+    (:func:`tagbus.generations.repair_after_crash`).
+    """
     cfg = config or stack.StackConfig.from_env()
     wanted = list(parts or stack.ALL_PARTS)
-    stack.up(cfg, [p for p in stack.INFRA_PARTS if p in wanted])
-    apps = [p for p in stack.APP_PARTS if p in wanted]
-    if apps:
-        settings = load(home=cfg.state)
-        migrate(settings)
-        ensure_read_models(settings)
-        if "consumer" in apps:
-            _forget_checkpoints_of_reset_streams(cfg, settings)
-        stack.up(cfg, apps)
-    return stack.status(cfg)
+    with stack_lock.held(cfg.run_dir):
+        stack.up(cfg, [p for p in stack.INFRA_PARTS if p in wanted])
+        apps = [p for p in stack.APP_PARTS if p in wanted]
+        repair = generations.crash_mark(cfg).exists() and stack.status(cfg)["kinesis"].running
+        if apps or repair:
+            settings = load(home=cfg.state)
+            migrate(settings)
+            ensure_read_models(settings)
+            if repair:
+                generations.repair_after_crash(cfg, settings, progress=_say)
+            if "consumer" in apps:
+                _forget_checkpoints_of_reset_streams(cfg, settings)
+            stack.up(cfg, apps)
+        return stack.status(cfg)
+
+
+def _say(message: str) -> None:
+    print(f"tagbus: {message}", file=sys.stderr)

@@ -46,7 +46,7 @@ import orjson
 from consumers.daemon import APPLICATION_NAME as CONSUMER_APPLICATION
 from consumers.daemon import daemon_processes
 from consumers.daemon import worker_id as consumer_worker_id
-from tagbus import install
+from tagbus import install, stack_lock
 
 __all__ = [
     "ALL_PARTS",
@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 INFRA_PARTS: tuple[str, ...] = ("postgres", "kinesis", "dynamodb", "moto")
-APP_PARTS: tuple[str, ...] = ("bus", "tailer", "consumer", "config")
+APP_PARTS: tuple[str, ...] = ("bus", "tailer", "consumer", "config", "keeper")
 ALL_PARTS: tuple[str, ...] = INFRA_PARTS + APP_PARTS
 
 _POSTGRES_USER = "postgres"
@@ -200,6 +200,9 @@ class PartSpec:
     after_start: Callable[[], None] | None = None
     #: What to tell the operator when the part is not healthy in time (``None``: nothing to add).
     slow_start_hint: Callable[[], str | None] | None = None
+    #: Called when the part is found dead without having been stopped (its pid file left
+    #: behind), or had to be killed: it may have lost what it had not saved.
+    on_crash: Callable[[], None] | None = None
     #: Processes of this part that its pid no longer leads (e.g. a KCL daemon an older run
     #: left behind when its consumer was killed): ``stop_part`` ends them, ``up`` before a start.
     strays: Callable[[], Sequence[int]] | None = None
@@ -312,6 +315,9 @@ def part_specs(config: StackConfig | None = None) -> dict[str, PartSpec]:
             ports=(cfg.grpc_port, cfg.config_http_port),
             timeout=120.0,
         ),
+        # Last up, first down: it must not start again what `tagbus down` is stopping.
+        # It finishes the round it is in on SIGTERM: a stream renewal must not be cut short.
+        _app_spec(cfg, "keeper", stop_timeout=600.0),
     ]
     return {spec.name: spec for spec in specs}
 
@@ -391,6 +397,7 @@ def _kinesis_spec(cfg: StackConfig) -> PartSpec:
         # On SIGTERM it writes its whole state out; a SIGKILL mid-write leaves a truncated file.
         stop_timeout=120.0,
         prepare=lambda: _prepare_kinesis(cfg, data),
+        on_crash=lambda: _mark_kinesis_crashed(data),
         slow_start_hint=lambda: kinesis_reload_hint(data / "kinesis-data.json"),
     )
 
@@ -469,6 +476,7 @@ def _app_spec(
     timeout: float = 60.0,
     command: str | None = None,
     strays: Callable[[], Sequence[int]] | None = None,
+    stop_timeout: float = 0.0,
 ) -> PartSpec:
     command = command or name
     return PartSpec(
@@ -484,6 +492,7 @@ def _app_spec(
         signal_group=signal_group,
         prepare=prepare,
         strays=strays,
+        stop_timeout=stop_timeout,
     )
 
 
@@ -493,7 +502,11 @@ def _app_spec(
 def up(config: StackConfig | None = None, parts: Sequence[str] | None = None) -> dict[str, PartStatus]:
     """Start every part in ``parts`` (default: all) that is not running; wait until healthy."""
     cfg = config or StackConfig.from_env()
-    wanted = _select(parts)
+    with stack_lock.held(cfg.run_dir):
+        return _up(cfg, _select(parts))
+
+
+def _up(cfg: StackConfig, wanted: list[str]) -> dict[str, PartStatus]:
     specs = part_specs(cfg)
     for directory in (cfg.run_dir, cfg.log_dir):
         directory.mkdir(parents=True, exist_ok=True)
@@ -502,6 +515,10 @@ def up(config: StackConfig | None = None, parts: Sequence[str] | None = None) ->
         spec = specs[name]
         if _live_pid(cfg, spec) is not None:
             continue
+        if cfg.pid_file(name).exists():
+            print(f"tagbus: {name}: found dead (its pid file was left behind); starting it again", file=sys.stderr)
+            if spec.on_crash is not None:
+                spec.on_crash()
         cfg.pid_file(name).unlink(missing_ok=True)
         _stop_strays(spec, timeout=15.0)  # a second instance beside them would fight them
         busy = [port for port in spec.ports if _port_in_use(port)]
@@ -528,8 +545,11 @@ def down(
     """Stop the parts we started (default: all), apps first, each by its pid file."""
     cfg = config or StackConfig.from_env()
     specs = part_specs(cfg)
-    for name in reversed(_select(parts)):
-        stop_part(cfg, specs[name], timeout=timeout)
+    if "keeper" in _select(parts):  # before the lock: a keeper renewing the stream holds it
+        stop_part(cfg, specs["keeper"], timeout=timeout)
+    with stack_lock.held(cfg.run_dir):
+        for name in reversed(_select(parts)):
+            stop_part(cfg, specs[name], timeout=timeout)
     return status(cfg)
 
 
@@ -618,6 +638,8 @@ def stop_part(config: StackConfig, spec: PartSpec, *, timeout: float = 15.0) -> 
         time.sleep(0.1)
     if _alive(pid, spec.marker):
         _signal(pid, signal.SIGKILL, group=True)
+        if spec.on_crash is not None:
+            spec.on_crash()
         end = time.monotonic() + 5.0
         while time.monotonic() < end and _alive(pid, spec.marker):
             time.sleep(0.1)
@@ -925,6 +947,16 @@ def _prepare_kinesis(cfg: StackConfig, data: Path) -> None:
     install.install_kinesis_mock(cfg.root)
     data.mkdir(parents=True, exist_ok=True)
     _mark_if_streams_start_empty(data / "kinesis-data.json")
+
+
+#: Left in the kinesis-mock data folder when it died unsaved (see tagbus.generations).
+KINESIS_CRASH_MARK = "crashed"
+
+
+def _mark_kinesis_crashed(data: Path) -> None:
+    """kinesis-mock saves every few minutes and on a clean stop: a crash loses what came since."""
+    data.mkdir(parents=True, exist_ok=True)
+    (data / KINESIS_CRASH_MARK).touch()
 
 
 #: Left in the kinesis-mock data folder when it starts with empty streams (see lifecycle.up).

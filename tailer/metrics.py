@@ -30,6 +30,18 @@ class TailerMetrics:
         self.events_published = Counter(
             "tagbus_tailer_events_published", "Events acknowledged by the sink.", registry=registry
         )
+        self.kinesis_records = Counter(
+            "tagbus_tailer_kinesis_records",
+            "Kinesis records acknowledged (an aggregated record counts once), by stream.",
+            ["stream"],
+            registry=registry,
+        )
+        self.kinesis_bytes = Counter(
+            "tagbus_tailer_kinesis_bytes",
+            "Bytes of data and partition keys in acknowledged Kinesis records, by stream.",
+            ["stream"],
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "tagbus_tailer_putrecords_batch_size",
             "Records per PutRecords request.",

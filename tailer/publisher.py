@@ -265,12 +265,13 @@ class KinesisPublisher:
             except KinesisUnavailableError:
                 reason = "endpoint_unavailable"
             else:
-                sent = len(pending)
+                sent = pending
                 pending, maybe_reason = self._still_pending(pending, response)
+                self._count_acknowledged(sent, pending)
                 if maybe_reason is None:
                     return
                 reason = maybe_reason
-                if len(pending) < sent:
+                if len(pending) < len(sent):
                     attempt = 0  # some records got through: capacity exists, keep the backoff short
             attempt += 1
             delay = self._backoff.delay(attempt + 1, rand=self._jitter)
@@ -285,6 +286,14 @@ class KinesisPublisher:
             )
             if self._wait(delay):
                 raise PublishInterruptedError(f"stopped while {len(pending)} records awaited a retry")
+
+    def _count_acknowledged(self, sent: list[_Entry], retry: list[_Entry]) -> None:
+        """Count the records of ``sent`` that are not in ``retry`` (what the stream now holds)."""
+        records = len(sent) - len(retry)
+        if records:
+            size = sum(e.size for e in sent) - sum(e.size for e in retry)
+            self._metrics.kinesis_records.labels(self._stream_name).inc(records)
+            self._metrics.kinesis_bytes.labels(self._stream_name).inc(size)
 
     def _put(self, entries: list[_Entry]) -> Mapping[str, Any]:
         """One PutRecords call; botocore errors become ours here and nowhere else."""

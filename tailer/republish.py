@@ -14,7 +14,7 @@ order the stream promises is per partition key, and the key is a function of
 ``(tenant, stream)``. Within one ``(tenant, stream)``, version order *is* commit order,
 because the bus assigns version n+1 under the row lock of the stream's ``streams`` row,
 held until version n's transaction committed (see :mod:`event_bus.store`). So rows are
-read ``ORDER BY stream_id, version`` — the ``(tenant_id, stream_id, version)`` unique
+read ``ORDER BY tenant_id, stream_id, version`` — the ``(tenant_id, stream_id, version)`` unique
 index — and each stream's events reach its shard in version order, exactly as the tailer
 would have sent them. Records carry no ``position`` (it is unknown here); consumers apply
 by version, so a republished event that a read model already holds is a no-op.
@@ -50,16 +50,16 @@ DEFAULT_CHUNK_SIZE: Final = 500
 _SELECT: Final = sql.SQL(
     """
     WITH starts AS (
-        SELECT stream_id, min(version) AS first_version
+        SELECT tenant_id, stream_id, min(version) AS first_version
         FROM events
-        WHERE tenant_id = %(tenant)s AND recorded_at >= %(since)s {stream_filter}
-        GROUP BY stream_id
+        WHERE recorded_at >= %(since)s {tenant_filter} {stream_filter}
+        GROUP BY tenant_id, stream_id
     )
     SELECT e.event_id, e.tenant_id, e.stream_id, e.version, e.type, e.source, e.subject,
            e.occurred_at, e.recorded_at, e.data::text, e.metadata
     FROM starts s
-    JOIN events e ON e.tenant_id = %(tenant)s AND e.stream_id = s.stream_id AND e.version >= s.first_version
-    ORDER BY e.stream_id, e.version
+    JOIN events e ON e.tenant_id = s.tenant_id AND e.stream_id = s.stream_id AND e.version >= s.first_version
+    ORDER BY e.tenant_id, e.stream_id, e.version
     """
 )
 
@@ -68,7 +68,8 @@ _SELECT: Final = sql.SQL(
 class RepublishSummary:
     """What a republish sent."""
 
-    tenant: str
+    #: ``None``: every tenant.
+    tenant: str | None
     since: datetime
     stream: str | None
     events: int
@@ -80,13 +81,16 @@ def republish(
     database_url: str,
     publisher: RecordSink,
     *,
-    tenant: str,
+    tenant: str | None,
     since: datetime,
     stream: str | None = None,
     progress: Callable[[int], None] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> RepublishSummary:
     """Publish ``tenant``'s events from ``since`` on (one ``stream`` or all), per stream in version order.
+
+    ``tenant=None`` sends every tenant's (the local stack does so into a fresh stream after
+    kinesis-mock lost records; see :mod:`tagbus.generations`).
 
     ``publisher`` is normally a :class:`~tailer.KinesisPublisher`; it returns
     only once every record is acknowledged and raises the tailer's publish errors
@@ -99,13 +103,16 @@ def republish(
         raise ValueError("since must be timezone-aware")
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
+    if stream is not None and tenant is None:
+        raise ValueError("a stream is named within a tenant")
+    tenant_filter = sql.SQL("AND tenant_id = %(tenant)s") if tenant is not None else sql.SQL("")
     stream_filter = sql.SQL("AND stream_id = %(stream)s") if stream is not None else sql.SQL("")
-    query = _SELECT.format(stream_filter=stream_filter)
+    query = _SELECT.format(tenant_filter=tenant_filter, stream_filter=stream_filter)
     params: dict[str, Any] = {"tenant": tenant, "since": since, "stream": stream}
     started = time.monotonic()
     published = 0
     streams = 0
-    last_stream: str | None = None
+    last_stream: tuple[str, str] | None = None
     try:
         with psycopg.connect(libpq_url(database_url), application_name="tagbus-republish") as conn:
             conn.read_only = True
@@ -116,9 +123,9 @@ def republish(
                 while rows := cursor.fetchmany(chunk_size):
                     chunk = [stored_event(row) for row in rows]
                     for event in chunk:
-                        if event.stream != last_stream:
+                        if (event.tenant, event.stream) != last_stream:
                             streams += 1
-                            last_stream = event.stream
+                            last_stream = (event.tenant, event.stream)
                     publisher.publish(chunk)
                     published += len(chunk)
                     if progress is not None:
