@@ -387,13 +387,15 @@ def _kinesis_spec(cfg: StackConfig) -> PartSpec:
             ("SHOULD_PERSIST_DATA", "true"),
             ("LOAD_DATA_IF_EXISTS", "true"),
             ("PERSIST_PATH", str(data)),
-            # kinesis-mock serializes its whole state on every persist, on its one JS thread: at
-            # 1 s with ~20 MB of records it never stops persisting and requests time out. It
-            # also persists when it exits, so a long interval loses records only on kill -9.
-            ("PERSIST_INTERVAL", "600s"),
+            # kinesis-mock serializes its whole state on every persist, on its one JS thread,
+            # answering nothing meanwhile. It also persists when it exits, so it saves only
+            # then: what a kill -9 loses, the stack republishes from the events table when it
+            # starts kinesis-mock again (tagbus.generations.repair_after_crash).
+            ("PERSIST_INTERVAL", "86400s"),
             ("LOG_LEVEL", "WARN"),
         ),
-        timeout=60.0,
+        # It reloads its saved state before it answers: up to one generation of the stream.
+        timeout=120.0,
         # On SIGTERM it writes its whole state out; a SIGKILL mid-write leaves a truncated file.
         stop_timeout=120.0,
         prepare=lambda: _prepare_kinesis(cfg, data),
