@@ -111,7 +111,7 @@ def _event(key: str, value: Any) -> bytes:
     )
 
 
-async def _load(
+async def steady_load(
     client: httpx.AsyncClient, rate: float, seconds: float, tag: str, *, keys: int, counts: dict[str, int]
 ) -> None:
     """Post ``rate`` events/s for ``seconds`` as a batch every 20 ms, paced by the clock.
@@ -149,14 +149,16 @@ async def _load(
 
 
 @dataclass
-class _Probes:
+class Probes:
     samples: list[float] = field(default_factory=list)
     from_ack: list[float] = field(default_factory=list)
     posts: list[float] = field(default_factory=list)
     late: list[str] = field(default_factory=list)
+    #: ``time.monotonic()`` at which each sample was taken (a timeline of freshness).
+    at: list[float] = field(default_factory=list)
 
 
-async def _probe(client: httpx.AsyncClient, seconds: float, tag: str, probes: _Probes, *, delay: float) -> None:
+async def probe(client: httpx.AsyncClient, seconds: float, tag: str, probes: Probes, *, delay: float) -> None:
     headers = {"Content-Type": "application/cloudevents+json"}
     run = uuid.uuid4().hex[:6]
     await asyncio.sleep(delay)
@@ -178,6 +180,7 @@ async def _probe(client: httpx.AsyncClient, seconds: float, tag: str, probes: _P
                 visible = time.monotonic()
                 probes.samples.append(visible - sent)
                 probes.from_ack.append(visible - acked)
+                probes.at.append(visible)
                 break
             await asyncio.sleep(0.01)
         else:
@@ -185,6 +188,7 @@ async def _probe(client: httpx.AsyncClient, seconds: float, tag: str, probes: _P
             # lagging consumer cannot make the percentiles look better by dropping its probes.
             probes.samples.append(PROBE_TIMEOUT)
             probes.from_ack.append(PROBE_TIMEOUT)
+            probes.at.append(time.monotonic())
             probes.late.append(key)
         n += 1
         await asyncio.sleep(0.2)
@@ -204,7 +208,7 @@ async def measure(
     )
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     counts = {"sent": 0, "failed": 0}
-    probes = _Probes()
+    probes = Probes()
     log = settings.home / "logs" / "consumer.log"
     log_offset = log.stat().st_size if log.is_file() else 0
     started = datetime.now()  # the log's timestamps are local time
@@ -213,8 +217,8 @@ async def measure(
     ) as client:
         # Probers start staggered across the probe interval, so their posts do not come in step.
         await asyncio.gather(
-            _load(client, rate, warmup + seconds, tag, keys=keys, counts=counts),
-            *(_probe(client, seconds, tag, probes, delay=warmup + 0.2 * i / PROBERS) for i in range(PROBERS)),
+            steady_load(client, rate, warmup + seconds, tag, keys=keys, counts=counts),
+            *(probe(client, seconds, tag, probes, delay=warmup + 0.2 * i / PROBERS) for i in range(PROBERS)),
         )
     return FreshnessResult(
         rate,

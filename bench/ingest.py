@@ -352,7 +352,7 @@ def _stat(pid: int) -> tuple[int, str, float] | None:
     return int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _all_stats() -> dict[int, tuple[int, str, float]]:
+def all_stats() -> dict[int, tuple[int, str, float]]:
     out: dict[int, tuple[int, str, float]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (st := _stat(int(entry))) is not None:
@@ -360,7 +360,7 @@ def _all_stats() -> dict[int, tuple[int, str, float]]:
     return out
 
 
-def _tree(stats: dict[int, tuple[int, str, float]], root: int) -> set[int]:
+def process_tree(stats: dict[int, tuple[int, str, float]], root: int) -> set[int]:
     members = {root}
     grew = True
     while grew:
@@ -372,7 +372,7 @@ def _tree(stats: dict[int, tuple[int, str, float]], root: int) -> set[int]:
     return members & stats.keys()
 
 
-def _machine_busy() -> tuple[float, float]:
+def machine_times() -> tuple[float, float]:
     fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]
     return sum(fields), idle
@@ -388,19 +388,19 @@ class CpuMeter:
     _t0: float = 0.0
 
     def start(self) -> None:
-        self._before = _all_stats()
-        self._machine = _machine_busy()
+        self._before = all_stats()
+        self._machine = machine_times()
         self._t0 = time.perf_counter()
 
     def stop(self, loadgen_cpu: float) -> dict[str, float]:
-        after = _all_stats()
+        after = all_stats()
         elapsed = time.perf_counter() - self._t0
-        total, idle = _machine_busy()
+        total, idle = machine_times()
 
         def spent(pids: set[int]) -> float:
             return sum(after[p][2] - (self._before[p][2] if p in self._before else 0.0) for p in pids)
 
-        bus = spent(_tree(after, self.bus_pid))
+        bus = spent(process_tree(after, self.bus_pid))
         postgres = spent({p for p, (_, comm, _) in after.items() if comm.startswith("postgres")})
         machine_busy = 1 - (idle - self._machine[1]) / max(1.0, total - self._machine[0])
         # Shares of one core (1.0 = one core busy for the whole phase).
