@@ -87,7 +87,7 @@ class RotationPolicy:
         ):
             raw = env.get(var)
             if raw:
-                if not raw.isdigit():
+                if not (raw.isascii() and raw.isdigit()):  # isdigit alone passes '²', which int() refuses
                     raise ValueError(f"{var} must be a whole number, not {raw!r}")
                 values[field_name] = int(raw)
         return cls(**values)
@@ -111,8 +111,11 @@ class Generation:
 
     def counted(self, records_total: float, bytes_total: float) -> Generation:
         """Add what the tailer's counters gained since the last count (a restarted tailer starts from zero)."""
-        new_records = records_total - self.seen_records if records_total >= self.seen_records else records_total
-        new_bytes = bytes_total - self.seen_bytes if bytes_total >= self.seen_bytes else bytes_total
+        # A restart zeroes both counters, and either one going back shows it: the other may
+        # already be past its old reading (fewer records since, but larger ones).
+        restarted = records_total < self.seen_records or bytes_total < self.seen_bytes
+        new_records = records_total if restarted else records_total - self.seen_records
+        new_bytes = bytes_total if restarted else bytes_total - self.seen_bytes
         return replace(
             self,
             records=self.records + int(new_records),
@@ -125,19 +128,21 @@ class Generation:
     def load(cls, path: Path) -> Generation | None:
         try:
             raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise TypeError(f"a JSON object was expected, not {type(raw).__name__}")
+            since = raw.get("since")
+            return cls(
+                since=datetime.fromisoformat(since) if since else None,
+                records=int(raw.get("records", 0)),
+                bytes=int(raw.get("bytes", 0)),
+                seen_records=float(raw.get("seen_records", 0.0)),
+                seen_bytes=float(raw.get("seen_bytes", 0.0)),
+            )
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError) as e:
             log.warning("unreadable %s (%s): counting this stream from zero", path, e)
             return None
-        since = raw.get("since")
-        return cls(
-            since=datetime.fromisoformat(since) if since else None,
-            records=int(raw.get("records", 0)),
-            bytes=int(raw.get("bytes", 0)),
-            seen_records=float(raw.get("seen_records", 0.0)),
-            seen_bytes=float(raw.get("seen_bytes", 0.0)),
-        )
 
     def save(self, path: Path) -> None:
         fields = asdict(self)

@@ -342,6 +342,53 @@ def test_checkpoints_are_taken_at_most_once_an_interval_and_at_shutdown() -> Non
     assert checkpointer.calls[-1] == (None, None)
 
 
+def test_an_idle_call_takes_the_checkpoint_the_interval_held_back() -> None:
+    now = [0.0]
+    h = Harness(checkpoint_interval=1.0, monotonic=lambda: now[0])
+    checkpointer = FakeCheckpointer()
+    h.deliver([event_data("acme", "tenantconfig:t", 1, "v1")], checkpointer, start=1)
+    now[0] = 0.5
+    h.deliver([event_data("acme", "tenantconfig:t", n, f"v{n}") for n in (2, 3)], checkpointer, start=2)
+    assert checkpointer.calls == [(f"4959{1:020d}", 0)]  # the second batch was held back
+    now[0] = 0.9
+    h.deliver([], checkpointer)
+    assert checkpointer.calls == [(f"4959{1:020d}", 0)]  # still within the interval
+    now[0] = 1.0
+    h.deliver([], checkpointer)
+    assert checkpointer.calls == [(f"4959{1:020d}", 0), (f"4959{3:020d}", 0)]
+
+
+def test_an_idle_call_with_nothing_applied_checkpoints_nothing() -> None:
+    now = [0.0]
+    h = Harness(checkpoint_interval=1.0, monotonic=lambda: now[0])
+    checkpointer = FakeCheckpointer()
+    for at in (0.0, 5.0, 50.0):
+        now[0] = at
+        h.deliver([], checkpointer)
+    assert checkpointer.calls == [] and h.processor.stats.checkpoints == 0
+
+
+def test_an_idle_call_does_not_checkpoint_again_where_it_already_is() -> None:
+    now = [0.0]
+    h = Harness(checkpoint_interval=1.0, monotonic=lambda: now[0])
+    checkpointer = FakeCheckpointer()
+    h.deliver([event_data("acme", "tenantconfig:t", 1, "v1")], checkpointer, start=1)
+    assert checkpointer.calls == [(f"4959{1:020d}", 0)]
+    for at in (5.0, 50.0):
+        now[0] = at
+        h.deliver([], checkpointer)
+    assert checkpointer.calls == [(f"4959{1:020d}", 0)] and h.processor.stats.checkpoints == 1
+
+
+def test_an_idle_call_retries_a_checkpoint_that_failed() -> None:
+    h = Harness(checkpoint_interval=1.0, monotonic=lambda: 0.0)
+    checkpointer = FakeCheckpointer(errors=["InvalidStateException"])
+    h.deliver([event_data("acme", "tenantconfig:t", 1, "v1")], checkpointer, start=1)
+    assert checkpointer.calls == []  # failed, and the batch stays applied
+    h.deliver([], checkpointer)
+    assert checkpointer.calls == [(f"4959{1:020d}", 0)]
+
+
 def test_stage_timings_are_logged_as_one_parsable_line() -> None:
     lines: list[str] = []
     stages = StageRecorder(interval=0, emit=lines.append)
@@ -460,6 +507,36 @@ def test_pipelined_processor_speaks_the_multilang_protocol() -> None:
         {"action": "status", "responseFor": "shardEnded"},
     ]
     assert h.value("acme", "tenantconfig:billing/currency") == ("USD", 2)
+
+
+def test_pipelined_idle_calls_checkpoint_what_the_writer_applied_since() -> None:
+    now = [0.0]
+    store = GatedStore(1)
+    h = Harness(TagRouter({"tenantconfig": store}), pipelined=True, checkpoint_interval=1.0, monotonic=lambda: now[0])
+    checkpointer = FakeCheckpointer()
+    h.deliver([event_data("acme", "tenantconfig:a", 1, "a1")], checkpointer, start=1)  # held at gate 1
+    wait_for(lambda: len(store.calls) == 1)
+    h.deliver([], checkpointer)
+    assert checkpointer.calls == []  # nothing applied yet: nothing to checkpoint
+
+    store.gates[1].set()
+    wait_for(lambda: h.processor.applied_through == (f"4959{1:020d}", 0))
+    h.deliver([], checkpointer)
+    assert checkpointer.calls == [(f"4959{1:020d}", 0)]
+
+    now[0] = 0.5
+    h.deliver([event_data("acme", "tenantconfig:a", 2, "a2"), event_data("acme", "tenantconfig:b", 1, "b1")],
+              checkpointer, start=2)  # fmt: skip
+    wait_for(lambda: h.processor.applied_through == (f"4959{3:020d}", 0))
+    h.deliver([], checkpointer)
+    assert checkpointer.calls == [(f"4959{1:020d}", 0)]  # within the interval
+    now[0] = 1.0
+    h.deliver([], checkpointer)
+    assert checkpointer.calls == [(f"4959{1:020d}", 0), (f"4959{3:020d}", 0)]
+    now[0] = 10.0
+    h.deliver([], checkpointer)
+    assert len(checkpointer.calls) == 2  # already there
+    assert h.value("acme", "tenantconfig:b") == ("b1", 1)
 
 
 def test_tag_router_registers_both_tags() -> None:
