@@ -140,6 +140,7 @@ class Keeper:
                 del self._dead_since[name]
                 if statuses[name].running:
                     self._attempts.pop(name, None)
+                    self._next_attempt.pop(name, None)
         started: list[str] = []
         for name in dead:
             since = self._dead_since.setdefault(name, now)
