@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import threading
 import time
@@ -163,7 +164,9 @@ def _token(settings: settings_mod.Settings) -> str:
 
 
 def _pids() -> dict[str, int]:
-    return {name: part.pid for name, part in stack.status().items() if part.pid is not None and name != "keeper"}
+    """Each running part's pid, and this process's (the load generator and the probes)."""
+    pids = {name: part.pid for name, part in stack.status().items() if part.pid is not None and name != "keeper"}
+    return pids | {"load generator": os.getpid()}
 
 
 async def _hold(client: httpx.AsyncClient, rate: float, seconds: float, probes: Probes, counts: dict[str, int]) -> None:
@@ -173,8 +176,11 @@ async def _hold(client: httpx.AsyncClient, rate: float, seconds: float, probes: 
     )
 
 
-def hold_rate(settings: settings_mod.Settings, sampler: Sampler, rate: float, seconds: float) -> Step:
-    """Hold ``rate`` for ``WARMUP + seconds``; judge the second half of the probed time."""
+def hold_rate(
+    settings: settings_mod.Settings, sampler: Sampler, rate: float, seconds: float, *, judged_from: float = 0.5
+) -> Step:
+    """Hold ``rate`` for ``WARMUP + seconds``; judge the probed time from ``judged_from`` of it on
+    (the second half by default, the steady state; ``0.0``: all of it)."""
     counts = {"sent": 0, "failed": 0}
     probes = Probes()
     cpu = PartCpu(_pids())
@@ -194,7 +200,7 @@ def hold_rate(settings: settings_mod.Settings, sampler: Sampler, rate: float, se
     asyncio.run(go())
     cores = cpu.stop()
     ended = time.monotonic()
-    half = started + WARMUP + seconds / 2
+    half = started + WARMUP + seconds * judged_from
     second_half = [s for s, at in zip(probes.samples, probes.at, strict=True) if at >= half]
     lags = sampler.lag_between(half, ended)
     first = lags[:10] or [0]

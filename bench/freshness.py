@@ -69,7 +69,7 @@ class FreshnessResult:
     late: int = 0
     #: The same probes timed from the bus's ``201`` instead of from sending the ``POST``.
     samples_from_ack: list[float] = field(default_factory=list)
-    #: Stage summaries the consumer logged during the run (see :func:`_stage_summary`).
+    #: Stage summaries the consumer logged during the run (see :func:`stage_summary`).
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -231,11 +231,11 @@ async def measure(
         keys,
         len(probes.late),
         samples_from_ack=probes.from_ack,
-        stages=_stage_summary(log, log_offset, since=started + timedelta(seconds=warmup + STAGE_INTERVAL)),
+        stages=stage_summary(log, log_offset, since=started + timedelta(seconds=warmup + STAGE_INTERVAL)),
     )
 
 
-def _stage_summary(log: Path, offset: int, *, since: datetime) -> dict[str, dict[str, float]]:
+def stage_summary(log: Path, offset: int, *, since: datetime) -> dict[str, dict[str, float]]:
     """The consumer's stage lines written after ``offset`` and ``since`` (a window that began
     before the run is left out): per stage, the median of their p50s and the worst p99
     (milliseconds), plus the number of batches under ``"batches"``."""
