@@ -44,5 +44,5 @@ def results(mode: Mode) -> Iterator[Results]:
     collected = Results(mode=mode.name)
     yield collected
     collected.failed = list(_FAILED)
-    if mode.writes_report and (collected.faults or collected.overload or collected.config):
+    if mode.writes_report and (collected.faults or collected.overload or collected.config or collected.pipeline):
         write_report(collected)

@@ -51,6 +51,8 @@ class Results:
     faults: list[FaultResult] = field(default_factory=list)
     config: list[DeliveryResult] = field(default_factory=list)
     overload: dict[str, Any] | None = None
+    #: The pipeline soak's figures (``test_pipeline_soak.py``).
+    pipeline: dict[str, Any] | None = None
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     #: Tests of the run that failed, with the first line of their error: a report of a run that
     #: failed says so, whatever figures it still has.
@@ -63,6 +65,7 @@ class Results:
             "faults": [dataclasses.asdict(f) for f in self.faults],
             "config": [dataclasses.asdict(c) for c in self.config],
             "overload": self.overload,
+            "pipeline": self.pipeline,
             "failed": self.failed,
         }
 
@@ -157,7 +160,31 @@ def render_markdown(results: Results, hostile: dict[str, dict[str, int]] | None,
         lines.append(f"(`reports/{HOSTILE_JSON}` not present: the hostile-input suite did not run before this report.)")
     lines += ["", "## Soak and overload", ""]
     lines += _overload_section(results.overload, plot)
+    lines += ["", "## The pipeline under a soak", ""]
+    lines += _pipeline_section(results.pipeline)
     return "\n".join(lines) + "\n"
+
+
+def _pipeline_section(pipeline: dict[str, Any] | None) -> list[str]:
+    if not pipeline:
+        return ["(not run)"]
+    step = pipeline["step"]
+    lag = pipeline.get("consumer_lag_ms") or {}
+    consumer = f"{lag['p50']:.0f} / {lag['p99']:.0f} ms" if lag else "no window logged"
+    cores = ", ".join(f"{k} {v:.2f}" for k, v in step["cores"].items() if k != "machine_busy")
+    return [
+        f"{step['rate']:,.0f} events/s for {step['seconds']:.0f} s: 80% of the end-to-end capacity"
+        f" ({pipeline['capacity']:,.0f} events/s, from {pipeline['capacity_from']}), through every part.",
+        "",
+        "| sent | failed | slot lag MB, first → last 10 s (max) | consumer lag p50 / p99 (commit → applied)"
+        " | freshness p50 / p99 (POST → served) | late probes |",
+        "|---:|---:|---|---|---|---:|",
+        f"| {step['sent']:,} | {step['failed']} | {step['lag_first_mb']:.1f} → {step['lag_last_mb']:.1f}"
+        f" ({step['lag_max_mb']:.1f}) | {consumer} | {step['fresh_p50_ms']:,.0f} / {step['fresh_p99_ms']:,.0f} ms"
+        f" | {step['late']} |",
+        "",
+        f"Cores per part: {cores} (machine {step['cores']['machine_busy']:.0%} busy).",
+    ]
 
 
 def _config_section(rows: list[DeliveryResult]) -> list[str]:
