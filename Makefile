@@ -35,6 +35,10 @@ demo: up
 
 ## test: every test, unit and end-to-end through the real parts (starts the stack if needed)
 # pytest's exit code is kept in .tagbus/pytest-exit so that .ci/run can tell "no tests" (5) apart.
+# The keeper renews the Kinesis stream only when a test asks (tests/integration/test_stream_generations.py):
+# a renewal pauses the consumer, which would fail whichever test waits on a read model then.
+test: export TAGBUS_KINESIS_ROTATE_RECORDS = 0
+test: export TAGBUS_KINESIS_ROTATE_BYTES = 0
 test: up
 	@set -a; . .tagbus/env; set +a; rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; echo $$rc > .tagbus/pytest-exit; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
