@@ -392,8 +392,8 @@ def wear(settings: settings_mod.Settings, sampler: Sampler, quick: bool) -> dict
     lifecycle.up()  # the keeper renews the stream while the events flow
     pushed = 0
     started = time.monotonic()
-    while pushed < total:
-        chunk = burst(settings, sampler, min(BURST_EVENTS, total - pushed))
+    for _ in range(-(-total // burst_events)):
+        chunk = burst(settings, sampler, burst_events)
         pushed += int(chunk["events"])
         print(f"wear: {pushed:,} events pushed in {time.monotonic() - started:,.0f}s", flush=True)
     time.sleep(45)  # an idle pause: when the keeper renews a full stream
