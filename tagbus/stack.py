@@ -234,7 +234,7 @@ def stack_env(config: StackConfig | None = None) -> dict[str, str]:
         "TAGBUS_GRPC_PORT": str(cfg.grpc_port),
         "TAGBUS_CONFIG_HTTP_PORT": str(cfg.config_http_port),
         "TAGBUS_JWT_SECRET": _jwt_secret(cfg),
-        # kinesis-mock takes a few hundred records/s and slows as its stream grows: the local
+        # kinesis-mock's cost grows with every record it holds (docs/local-stack.md): the local
         # tailer packs events into KPL records (the KCL de-aggregates) unless told otherwise.
         "TAGBUS_TAILER_AGGREGATE": os.environ.get("TAGBUS_TAILER_AGGREGATE", "1"),
         # When the local pipeline falls behind the bus, the bus sheds ingest by tier long before
@@ -369,9 +369,9 @@ def _kinesis_spec(cfg: StackConfig) -> PartSpec:
     node = _lazy_tool("node")
     return PartSpec(
         name="kinesis",
-        # kinesis-mock keeps every record of the retention period in its JS heap: the default
-        # ceiling (about 4 GB here) ran out after ~20 minutes of load tests, and a restart
-        # reloads the last persisted state, which loses records. The ceiling is not reserved.
+        # kinesis-mock keeps every record in its JS heap and the default ceiling ran out under
+        # load tests (docs/local-stack.md); the keeper's renewals bound what it holds. The
+        # ceiling is not reserved.
         argv=(node, "--max-old-space-size=12288", "main.js"),
         # main.js reads server.json (its TLS certificate) from the working directory.
         cwd=package,
@@ -404,8 +404,8 @@ def _kinesis_spec(cfg: StackConfig) -> PartSpec:
     )
 
 
-#: A saved kinesis-mock state past this size takes it long to reload: 6.8 GB took over a
-#: minute, and 0.24 GB over two on a busy 2-core machine (past the 60 s health wait).
+#: A saved kinesis-mock state past this size may take longer to reload than `tagbus up` waits
+#: (reload costs: docs/local-stack.md).
 KINESIS_BIG_STATE_BYTES = 100 * 1024 * 1024
 
 
