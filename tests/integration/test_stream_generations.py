@@ -55,7 +55,9 @@ def test_rotation_renews_the_stream_and_loses_nothing(live: settings_mod.Setting
     cfg = stack.StackConfig.from_env()
     tenant = f"rot-{uuid.uuid4().hex[:8]}"
     with bus_client(live, tenant) as client:
-        before = {f"tenantconfig:rotation/k{i}": post_config(client, f"tenantconfig:rotation/k{i}", i) for i in range(5)}
+        before = {
+            f"tenantconfig:rotation/k{i}": post_config(client, f"tenantconfig:rotation/k{i}", i) for i in range(5)
+        }
         for key, version in before.items():
             wait_until_served(client, key, version)
         created = _stream_created(live)
@@ -67,7 +69,9 @@ def test_rotation_renews_the_stream_and_loses_nothing(live: settings_mod.Setting
         saved = generations.Generation.load(generations.generation_file(cfg))
         assert saved is not None and saved.records == 0 and saved.since == generation.since
         assert all(part.running for part in stack.status(cfg).values()), stack.format_status(stack.status(cfg))
-        after = {f"tenantconfig:rotation/k{i}": post_config(client, f"tenantconfig:rotation/k{i}", -i) for i in range(5)}
+        after = {
+            f"tenantconfig:rotation/k{i}": post_config(client, f"tenantconfig:rotation/k{i}", -i) for i in range(5)
+        }
         for key, version in after.items():
             assert wait_until_served(client, key, version)["value"] == -int(key.rsplit("k", 1)[1])
 
