@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from bench.freshness import stage_summary
 from consumers.stages import STAGE_INTERVAL
 from tagbus import generations, lifecycle, stack
 from tagbus import settings as settings_mod
+from tests.fixtures.config_api import bus_client, post_config, wait_until_served
 from tests.reliability.faults import Mode
 from tests.reliability.report import Results
 
@@ -42,6 +44,8 @@ SHORT_RATE = 200.0
 FALLBACK_CAPACITY = 500.0
 SLOT_LAG_BOUND = 64 * 1024 * 1024
 CONSUMER_LAG_BOUND_MS = 5_000.0
+#: Seconds a backlog left by earlier tests may take to drain before the soak starts.
+BACKLOG_TIMEOUT = 600.0
 
 
 def end_to_end_capacity(environ: dict[str, str] | None = None, report: Path = CAPACITY_REPORT) -> tuple[float, str]:
@@ -72,6 +76,7 @@ def test_soak_at_80_percent_of_end_to_end_capacity(
         # steady state this soak bounds. lifecycle.up() below starts the keeper again.
         stack.down(cfg, ["keeper"])
         generations.rotate(cfg, live_stack)
+    _wait_until_fresh(live_stack)  # an earlier test may have left a backlog (a republish, a flood)
     with capacity.Sampler(live_stack.database_url, live_stack.tailer().slot_name) as sampler:
         capacity.settle(sampler)
         step = capacity.hold_rate(live_stack, sampler, rate, mode.soak_seconds, judged_from=0.0)
@@ -97,3 +102,10 @@ def test_soak_at_80_percent_of_end_to_end_capacity(
     assert step.fresh_p99_ms < 1000 * capacity.FRESH_BOUND, f"freshness p99 {step.fresh_p99_ms:.0f} ms"
     if consumer_lag:  # a short soak may end before the consumer logs a window
         assert consumer_lag["p99"] < CONSUMER_LAG_BOUND_MS, f"consumer lag p99 {consumer_lag['p99']:.0f} ms"
+
+
+def _wait_until_fresh(settings: settings_mod.Settings) -> None:
+    """Until a change posted now is served: the pipeline has no backlog left."""
+    with bus_client(settings, f"soak-{uuid.uuid4().hex[:8]}") as client:
+        key = "tenantconfig:soak/ready"
+        wait_until_served(client, key, post_config(client, key, True), timeout=BACKLOG_TIMEOUT)
