@@ -517,13 +517,16 @@ def _up(cfg: StackConfig, wanted: list[str]) -> dict[str, PartStatus]:
         spec = specs[name]
         if _live_pid(cfg, spec) is not None:
             continue
-        if cfg.pid_file(name).exists():
+        died = cfg.pid_file(name).exists()
+        if died:
             print(f"tagbus: {name}: found dead (its pid file was left behind); starting it again", file=sys.stderr)
             if spec.on_crash is not None:
                 spec.on_crash()
         cfg.pid_file(name).unlink(missing_ok=True)
         _stop_strays(spec, timeout=15.0)  # a second instance beside them would fight them
-        busy = [port for port in spec.ports if _port_in_use(port)]
+        # A killed process loses its command line (its memory goes first) before its sockets
+        # close; with a large heap that takes a while, so a part found dead gets time to let go.
+        busy = _busy_ports(spec.ports, wait=15.0 if died else 0.0)
         if busy:
             raise StackError(
                 f"{name}: port {', '.join(map(str, busy))} already in use by a process this stack did not start "
@@ -737,6 +740,16 @@ def _signal(pid: int, sig: signal.Signals, *, group: bool) -> None:
     child = _CHILDREN.get(pid)
     if child is not None:
         child.poll()
+
+
+def _busy_ports(ports: Sequence[int], *, wait: float) -> list[int]:
+    """The ports still in use after up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        busy = [port for port in ports if _port_in_use(port)]
+        if not busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(0.2)
 
 
 def _port_in_use(port: int) -> bool:
